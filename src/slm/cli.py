@@ -1,0 +1,127 @@
+"""The `slm` command line: the argparse tree and a lazy dispatch to the module that owns each command.
+
+Heavy modules (torch, datasets) are imported inside the chosen command, so `slm --help` stays fast.
+A user mistake raises `SlmError`; it is caught here once and printed as `slm: error: ...` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from slm.config import add_config_flags, preset_names
+from slm.errors import SlmError
+
+EXAMPLES = {
+    "prepare": """examples:
+  slm prepare demo --out data/demo                      # the built-in story corpus (offline)
+  slm prepare tinystories --out data/tinystories        # Hugging Face roneneldan/TinyStories
+  slm prepare stories.txt --out data/mine               # documents separated by <|endoftext|> lines
+  slm prepare corpus.jsonl --text-field body --out data/mine
+  slm prepare hf:wikitext --text-field text --out data/wiki""",
+    "train": """examples:
+  slm train --data data/demo --out runs/demo --preset cpu
+  slm train --data data/demo --out runs/small --n-layer 2 --learning-rate 3e-4 --max-minutes 5
+  slm train --config runs/demo/config.toml --out runs/again""",
+    "generate": """examples:
+  slm generate runs/demo --prompt "Once upon a time" --max-new-tokens 200
+  slm generate runs/demo --temperature 0                # greedy
+  slm generate runs/demo --top-k 40 --seed 7 --num-samples 3""",
+    "eval": """examples:
+  slm eval runs/demo --data data/demo                   # the prepared validation split
+  slm eval runs/demo --data valid.txt --json            # any raw .txt or .jsonl file""",
+    "run": """examples:
+  slm run demo                                          # offline: prepare, train (CPU, <10 min), generate
+  slm run tinystories --out runs/tinystories            # the real corpus from the hub (GPU recommended)""",
+    "bench": """examples:
+  slm bench --preset cpu
+  slm bench --preset seed --steps 20""",
+}
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_config_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=preset_names(), help="start from a named preset")
+    p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (over the preset)")
+
+
+def _add_checkpoint_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder written by `slm train`")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of the run to load (default: best)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="Build a small language model from scratch: "
+                                     "prepare text, train a GPT, generate, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _parser(sub, "prepare", "tokenize a corpus into train.bin / validation.bin / meta.json")
+    p.add_argument("source", help="demo, tinystories, hf:NAME, or a .txt/.jsonl/.parquet file or a folder of them")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/parquet/HF rows")
+    p.add_argument("--val-fraction", type=float, default=0.005,
+                   help="share of documents held out for validation when the source has no such split")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the validation hold-out")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(module="prepare")
+
+    p = _parser(sub, "train", "train a GPT from scratch on prepared data")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, config.toml and metrics.jsonl")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    _add_config_source(p)
+    add_config_flags(p)
+    p.set_defaults(module="train")
+
+    p = _parser(sub, "generate", "write text with a trained model (streams to stdout)")
+    _add_checkpoint_choice(p)
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling; the same seed gives the same text")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples to write (default: 1)")
+    p.set_defaults(module="generate")
+
+    p = _parser(sub, "eval", "loss, perplexity and bits per byte of a model on a whole file")
+    _add_checkpoint_choice(p)
+    p.add_argument("--data", required=True, help="a prepared folder (its validation split) or a .txt/.jsonl file")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL rows")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(module="evaluate")
+
+    p = _parser(sub, "run", "run a whole pipeline: prepare, train, generate")
+    p.add_argument("pipeline", choices=("demo", "tinystories"), help="which pipeline")
+    p.add_argument("--out", default=None, help="run folder (default: runs/PIPELINE)")
+    p.add_argument("--data-out", default=None, help="prepared data folder (default: data/PIPELINE)")
+    p.add_argument("--max-minutes", type=float, default=None, help="training time budget in minutes")
+    p.add_argument("--force", action="store_true", help="replace existing data and run folders")
+    p.set_defaults(module="run")
+
+    p = _parser(sub, "bench", "measure prepare, training and generation throughput and peak memory")
+    p.add_argument("--preset", choices=preset_names(), default="cpu", help="model and batch to measure")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default: 10)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.set_defaults(module="bench")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        module = importlib.import_module(f"slm.{args.module}")
+        return module.main(args) or 0
+    except SlmError as err:
+        print(f"slm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slm: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,243 @@
+"""One typed configuration for a run: model shape and training settings.
+
+Precedence, later wins: field defaults < `--preset NAME` < `--config FILE.toml` < command-line flags.
+Every field is also a flag (`n_layer` -> `--n-layer`); its help text lives here once and feeds `--help`,
+the TOML files written into each run, and the README's table. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from slm.errors import SlmError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise SlmError(f"--{name.replace('_', '-')} must be positive (got {value}) in [{section}]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = _help("number of token ids the model can read and predict (GPT-2: 50257)", 50257)
+    block_size: int = _help("context length in tokens", 128)
+    n_layer: int = _help("number of transformer blocks", 4)
+    n_head: int = _help("attention heads per block; must divide n_embd", 4)
+    n_embd: int = _help("width of the residual stream (embedding size)", 256)
+    dropout: float = _help("dropout probability on embeddings, attention and residual branches", 0.0)
+    bias: bool = _help("use biases in linear layers and layer norms, as GPT-2 does", True)
+
+    def __post_init__(self) -> None:
+        _positive("model", vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                  n_head=self.n_head, n_embd=self.n_embd)
+        if self.n_embd % self.n_head:
+            raise SlmError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}); "
+                           f"try --n-head {_largest_divisor_at_most(self.n_embd, self.n_head)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SlmError(f"--dropout must be in [0, 1) (got {self.dropout})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, limit + 1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = _help("folder made by `slm prepare` (train.bin, validation.bin, meta.json)", "")
+    batch_size: int = _help("sequences per optimizer step, over all processes", 32)
+    micro_batch_size: int = _help("sequences per forward pass; batch_size must be a multiple of it", 32)
+    learning_rate: float = _help("peak learning rate, reached at the end of warm-up", 1e-3)
+    min_learning_rate: float = _help("floor the cosine decay ends at; at most learning_rate", 1e-4)
+    warmup_steps: int = _help("optimizer steps of linear warm-up from 0 to learning_rate", 100)
+    weight_decay: float = _help("AdamW weight decay, applied to weight matrices only", 0.1)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.95)
+    grad_clip: float = _help("clip the global gradient norm to this value (0: no clipping)", 1.0)
+    max_steps: int = _help("stop after this many optimizer steps", 2000)
+    max_tokens: int = _help("stop after this many training tokens (0: no token limit)", 0)
+    max_minutes: float = _help("stop after this many minutes of training; the LR then decays over "
+                               "the time budget (0: no time limit)", 0.0)
+    eval_interval: int = _help("evaluate, print a sample and save checkpoints every this many steps", 200)
+    eval_batches: int = _help("validation micro-batches per evaluation (a fixed set, the same every time)", 20)
+    sample_tokens: int = _help("tokens of the sample printed at each evaluation (0: none)", 48)
+    seed: int = _help("seed for initialisation, data order and dropout; same seed, same run", 1337)
+    device: str = _help(f"where to train: one of {', '.join(DEVICES)} (auto: CUDA, then MPS, then CPU)", "auto")
+    dtype: str = _help(f"compute precision: one of {', '.join(DTYPES)} (auto: bfloat16 on CUDA if "
+                       "supported, else float16 there; float32 on other devices)", "auto")
+    compile: bool = _help("compile the model with torch.compile", False)
+
+    def __post_init__(self) -> None:
+        _positive("train", batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
+                  learning_rate=self.learning_rate, max_steps=self.max_steps,
+                  eval_interval=self.eval_interval, eval_batches=self.eval_batches)
+        if self.batch_size % self.micro_batch_size:
+            raise SlmError(f"--batch-size ({self.batch_size}) must be a multiple of --micro-batch-size "
+                           f"({self.micro_batch_size})")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise SlmError(f"--min-learning-rate ({self.min_learning_rate}) must be between 0 and "
+                           f"--learning-rate ({self.learning_rate})")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "max_tokens", "max_minutes", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise SlmError(f"--{name.replace('_', '-')} must not be negative (got {getattr(self, name)})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise SlmError(f"--beta1 and --beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
+        if self.device not in DEVICES:
+            raise SlmError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        if self.dtype not in DTYPES:
+            raise SlmError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        """TOML with each field's help as a comment; `slm train --config` reads it back as is."""
+        lines = []
+        for section in fields(self):
+            lines.append(f"[{section.name}]")
+            for f in fields(getattr(self, section.name)):
+                lines.append(f"# {f.metadata['help']}")
+                lines.append(tomli_w.dumps({f.name: getattr(getattr(self, section.name), f.name)}).strip())
+            lines.append("")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        return merge(cls(), data, source)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+
+
+def merge(cfg: Config, layer: dict[str, Any], source: str) -> Config:
+    """Apply one layer of settings ({section: {field: value}}) over cfg; unknown keys are errors."""
+    updated = {}
+    for section, values in layer.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise SlmError(f"unknown section [{section}] in {source}; expected {', '.join(SECTIONS)}")
+        known = {f.name: f for f in fields(SECTIONS[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise SlmError(f"unknown field {key!r} in [{section}] of {source}; "
+                               f"known fields: {', '.join(known)}")
+            values[key] = _coerce(value, known[key], source)
+        updated[section] = dataclasses.replace(getattr(cfg, section), **values)
+    return dataclasses.replace(cfg, **updated)
+
+
+def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
+    kind = _field_type(f)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SlmError(f"{f.name} in {source} must be a {kind.__name__} (got {value!r})")
+    return value
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("slm.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SlmError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise SlmError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise SlmError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    return tomllib.loads(resources.files("slm.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8"))
+
+
+def resolve(preset: str | None = None, toml_path: str | Path | None = None,
+            flags: dict[str, dict[str, Any]] | None = None, base: Config | None = None) -> Config:
+    """Defaults < preset < TOML file < flags. `flags` is {section: {field: value}} of flags actually given."""
+    cfg = base or Config()
+    if preset:
+        cfg = merge(cfg, load_preset(preset), f"preset {preset!r}")
+    if toml_path:
+        cfg = merge(cfg, read_toml(toml_path), str(toml_path))
+    if flags:
+        cfg = merge(cfg, flags, "the command line")
+    return cfg
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = ("model", "train")) -> None:
+    """Every field of the chosen sections becomes a flag whose default is 'not given'."""
+    for section in sections:
+        group = parser.add_argument_group(f"{section} config (defaults < --preset < --config < flags)")
+        for f in fields(SECTIONS[section]):
+            kind = _field_type(f)
+            flag = "--" + f.name.replace("_", "-")
+            common = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                      "help": f"{f.metadata['help']} (default: {f.default})"}
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            else:
+                group.add_argument(flag, type=kind, metavar=f.name.upper(), **common)
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Collect the config flags the user actually gave, as {section: {field: value}}."""
+    given: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        section, _, name = dest.partition(".")
+        if name and section in SECTIONS:
+            given.setdefault(section, {})[name] = value
+    return given
+
+
+def config_table() -> str:
+    """Markdown table of every field, for the README."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            rows.append(f"| `--{f.name.replace('_', '-')}` | `{f.default}` | {f.metadata['help']} |")
+    return "\n".join(rows)
