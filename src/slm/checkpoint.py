@@ -1,0 +1,159 @@
+"""The run folder and its checkpoints, written atomically and loaded safely.
+
+    RUN/config.toml       the resolved config; `slm train --config RUN/config.toml` re-runs it
+    RUN/metrics.jsonl     one JSON object per optimizer step and per evaluation
+    RUN/best/             the checkpoint with the lowest validation loss so far
+    RUN/last/             the newest checkpoint, with optimizer and trainer state for resuming
+
+A checkpoint folder holds `model.safetensors` (the weights, the tied head stored once; the config and
+tokenizer identity in its metadata) and, for `last`, `trainer.pt` (optimizer and trainer state, read with
+`torch.load(weights_only=True)`, so nothing in a checkpoint can run code). Each folder is written under a
+temporary name, flushed, then renamed into place: a crash leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from slm.config import Config
+from slm.errors import SlmError
+from slm.model import GPT
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+TRAINER = "trainer.pt"
+TIED_HEAD = "lm_head.weight"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    """Make RUN for a new run; never silently overwrite another run or unrelated files."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / "config.toml").exists():
+            raise SlmError(f"{run_dir} exists and is not an slm run folder; choose an empty or new --out")
+        if not force:
+            raise SlmError(f"{run_dir} already holds a run; pass --force to overwrite it or choose another --out")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save(run_dir: Path, name: str, model: GPT, cfg: Config, tokenizer: dict[str, Any],
+         trainer_state: dict[str, Any] | None = None) -> Path:
+    """Write RUN/name/ atomically: build it under a temporary name, then swap it in."""
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED_HEAD}
+    metadata = {"format_version": str(FORMAT_VERSION), "config": cfg.to_json(), "tokenizer": json.dumps(tokenizer)}
+    save_file(state, tmp / WEIGHTS, metadata=metadata)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER)
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = run_dir / f".{name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_header(checkpoint_dir: Path) -> tuple[Config, dict[str, Any]]:
+    """The config and tokenizer identity recorded in a checkpoint, without loading tensors."""
+    path = checkpoint_dir / WEIGHTS
+    if not path.is_file():
+        raise SlmError(f"no checkpoint at {checkpoint_dir} ({WEIGHTS} is missing); train a run first")
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise SlmError(f"{path} is corrupt or truncated ({err}); use the other checkpoint or retrain") from None
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise SlmError(f"{path} was written by a newer slm (checkpoint format {version}, this slm reads "
+                       f"up to {FORMAT_VERSION}); upgrade slm")
+    if "config" not in metadata:
+        raise SlmError(f"{path} has no slm config in its metadata; it was not written by slm")
+    return Config.from_dict(json.loads(metadata["config"]), str(path)), json.loads(metadata.get("tokenizer", "{}"))
+
+
+def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, Config, dict[str, Any]]:
+    """Rebuild the model of a checkpoint folder; returns (model in eval mode, config, tokenizer identity)."""
+    cfg, tokenizer = read_header(checkpoint_dir)
+    model = GPT(cfg.model)
+    try:
+        state = load_file(checkpoint_dir / WEIGHTS)
+    except (SafetensorError, OSError) as err:
+        raise SlmError(f"{checkpoint_dir / WEIGHTS} is corrupt or truncated ({err}); retrain or use the "
+                       f"other checkpoint") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {TIED_HEAD} or unexpected:
+        raise SlmError(f"{checkpoint_dir / WEIGHTS} does not match its config (missing {missing}, "
+                       f"unexpected {unexpected})")
+    return model.to(device).eval(), cfg, tokenizer
+
+
+def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
+    path = checkpoint_dir / TRAINER
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SlmError(f"{checkpoint_dir} has no {TRAINER}; only a run's last/ checkpoint can be resumed") from None
+    except Exception as err:  # a truncated zip or pickle surfaces as several exception types
+        raise SlmError(f"{path} is corrupt or truncated ({type(err).__name__}: {err})") from None
+
+
+def checkpoint_dir(run: str | Path, which: str = "best") -> Path:
+    """RUN/best or RUN/last; a run without `best` (e.g. stopped before its first evaluation) uses `last`."""
+    run = Path(run)
+    if not run.is_dir():
+        raise SlmError(f"run folder {run} does not exist; train one with `slm train --out {run}`")
+    chosen = run / which
+    if not (chosen / WEIGHTS).is_file() and which == "best" and (run / "last" / WEIGHTS).is_file():
+        chosen = run / "last"
+    if not (chosen / WEIGHTS).is_file():
+        raise SlmError(f"{run} has no {which} checkpoint yet; train it until its first evaluation")
+    return chosen
+
+
+class MetricsLog:
+    """Appends one JSON object per line to RUN/metrics.jsonl, flushed so a crash loses at most a line."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
