@@ -256,15 +256,18 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     return state
 
 
-def main(args) -> int:
-    cfg = resolve(args.preset, args.config, flags_from_args(args))
+def start(cfg: Config, run_dir: Path, force: bool = False) -> TrainState:
+    """A new run: check the data, make the run folder, record the resolved config, train."""
     if not cfg.train.data:
         raise SlmError("no training data: pass --data DIR (a folder made by `slm prepare`)")
     data.read_meta(cfg.train.data)
-    run_dir = Path(args.out)
-    checkpoint.prepare_run_dir(run_dir, args.force)
+    checkpoint.prepare_run_dir(run_dir, force)
     checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
     for section, values in cfg.to_dict().items():
         print(f"{section}: " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
-    train(cfg, run_dir)
+    return train(cfg, run_dir)
+
+
+def main(args) -> int:
+    start(resolve(args.preset, args.config, flags_from_args(args)), Path(args.out), args.force)
     return 0

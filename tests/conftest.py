@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny configs, a tiny prepared data folder, a tiny trained run, the shared sample."""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never the network, whatever the shell says
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-sample"
+
+
+@pytest.fixture
+def shared_sample() -> Path:
+    if not (SHARED_SAMPLE / "train.txt").is_file():
+        pytest.skip(f"real TinyStories sample not found at {SHARED_SAMPLE} (it sits beside the repository)")
+    return SHARED_SAMPLE
+
+
+def write_prepared(path: Path, train: np.ndarray, validation: np.ndarray, bytes_per_token: float = 4.0) -> Path:
+    """A prepared data folder in slm prepare's format, built directly from token arrays."""
+    from slm.tokenizer import get_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for name, tokens in (("train", train), ("validation", validation)):
+        tokens.astype(np.uint16).tofile(path / f"{name}.bin")
+        splits[name] = {"tokens": len(tokens), "documents": int((tokens == 50256).sum()),
+                        "bytes": int(len(tokens) * bytes_per_token)}
+    meta = {"format_version": 1, "tokenizer": get_tokenizer().identity(), "dtype": "uint16",
+            "source": "test", "splits": splits}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def story_tokens(n_docs: int, seed: int) -> np.ndarray:
+    """Token ids of short, very regular stories: a tiny model learns them in a few dozen steps."""
+    from slm.tokenizer import get_tokenizer
+
+    rng = np.random.default_rng(seed)
+    tok = get_tokenizer()
+    names, things = ["Tom", "Lily", "Sam", "Mia"], ["ball", "cat", "tree", "cake"]
+    ids = []
+    for _ in range(n_docs):
+        name, thing = rng.choice(names), rng.choice(things)
+        ids += tok.encode(f"{name} had a {thing}. {name} liked the {thing}. The end.") + [tok.eot_id]
+    return np.array(ids, dtype=np.uint16)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("data"), story_tokens(400, 0), story_tokens(40, 1))
+
+
+def tiny_config(data: Path, **train):
+    from slm.config import resolve
+
+    settings = {"data": str(data), "max_steps": 30, "eval_interval": 15, "eval_batches": 2,
+                "sample_tokens": 0, "device": "cpu", "warmup_steps": 5}
+    settings.update(train)
+    return resolve("tiny", flags={"train": settings})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data) -> Path:
+    """A run trained for a few steps: RUN/{config.toml, metrics.jsonl, best/, last/}."""
+    from slm.train import start
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    start(tiny_config(tiny_data), run)
+    return run
+
+
+# The URLs tiktoken_ext/openai_public.py gpt2() reads; tiktoken caches each file under sha1(url).
+GPT2_URLS = {"vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+             "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"}
+
+
+@pytest.fixture(scope="session")
+def reference_gpt2(tmp_path_factory):
+    """tiktoken's own `gpt2` encoding, loaded offline from a cache seeded with the local vocab files."""
+    import tiktoken
+    import tiktoken.load
+
+    from slm.tokenizer import vocab_files
+
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    vocab_bpe, encoder_json = vocab_files()
+    for name, path in (("vocab.bpe", vocab_bpe), ("encoder.json", encoder_json)):
+        shutil.copy(path, cache / hashlib.sha1(GPT2_URLS[name].encode()).hexdigest())
+
+    def no_download(url: str) -> bytes:
+        raise AssertionError(f"tiktoken tried to download {url}; the seeded cache was not used")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        patch.setattr(tiktoken.load, "read_file", no_download)
+        patch.setattr(tiktoken.registry, "ENCODINGS", {})  # build it here, not from an earlier cache
+        return tiktoken.get_encoding("gpt2")

@@ -1,0 +1,65 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_prepared
+from slm import data
+from slm.errors import SlmError
+
+
+def test_memmap_round_trip_and_targets_are_inputs_shifted_by_one(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) * 7
+    write_prepared(tmp_path, tokens, tokens[:100])
+    train = data.open_split(tmp_path, "train")
+    assert isinstance(train, np.memmap) and np.array_equal(train, tokens)
+    starts = np.array([0, 5, 900])
+    x, y = data.get_batch(train, starts, 16, torch.device("cpu"))
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    for row, s in enumerate(starts):
+        assert x[row].tolist() == tokens[s:s + 16].tolist()
+        assert y[row].tolist() == tokens[s + 1:s + 17].tolist()
+
+
+def test_window_order_depends_only_on_seed_and_step():
+    a = data.window_starts(seed=1, step=7, count=32, n_tokens=10_000, block_size=64)
+    assert np.array_equal(a, data.window_starts(1, 7, 32, 10_000, 64))
+    assert not np.array_equal(a, data.window_starts(1, 8, 32, 10_000, 64))
+    assert not np.array_equal(a, data.window_starts(2, 7, 32, 10_000, 64))
+    assert a.min() >= 0 and a.max() <= 10_000 - 64 - 1
+
+
+def test_validation_windows_are_fixed_and_differ_from_training_windows():
+    v = data.validation_starts(3, 16, 5000, 32)
+    assert np.array_equal(v, data.validation_starts(3, 16, 5000, 32))
+    assert not np.array_equal(v, data.window_starts(3, 0, 16, 5000, 32))
+
+
+def test_every_window_fits_even_at_the_end_of_the_data():
+    starts = data.window_starts(0, 0, 10_000, n_tokens=40, block_size=32)
+    assert starts.max() + 32 + 1 <= 40
+
+
+def test_data_shorter_than_a_window_is_a_clear_error(tmp_path):
+    write_prepared(tmp_path, np.arange(20), np.arange(20))
+    with pytest.raises(SlmError, match="lower --block-size"):
+        data.check_fits(data.open_split(tmp_path, "train"), 32, "train")
+
+
+def test_missing_or_corrupt_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SlmError, match="not a prepared data folder"):
+        data.read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(SlmError, match="corrupt"):
+        data.read_meta(tmp_path)
+
+
+def test_a_truncated_bin_file_is_detected(tmp_path):
+    write_prepared(tmp_path, np.arange(1000), np.arange(100))
+    with open(tmp_path / "train.bin", "r+b") as f:
+        f.truncate(500)
+    with pytest.raises(SlmError, match="promises"):
+        data.open_split(tmp_path, "train")
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["splits"]["train"]["tokens"] == 1000

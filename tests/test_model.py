@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slm.config import ModelConfig
+from slm.model import GPT, IGNORE_INDEX
+
+CFG = ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(CFG).eval()
+
+
+def test_changing_a_later_token_never_changes_earlier_logits(model):
+    idx = torch.randint(0, CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % CFG.vocab_size
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def manual_attention(attn, x):
+    """The textbook masked softmax, the slow twin of scaled_dot_product_attention."""
+    B, T, C = x.shape
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+    return attn.c_proj(y)
+
+
+def test_fused_attention_equals_manual_masked_softmax(model):
+    x = torch.randn(2, 10, CFG.n_embd, generator=torch.Generator().manual_seed(2))
+    attn = model.transformer.h[0].attn
+    torch.testing.assert_close(attn(x), manual_attention(attn, x), atol=1e-6, rtol=1e-5)
+
+
+def test_head_is_tied_to_the_token_embedding(model):
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_loss_is_mean_cross_entropy_over_counted_targets(model):
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
+    targets = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
+    targets[0, :5] = IGNORE_INDEX
+    logits, loss = model(idx, targets)
+    keep = targets != IGNORE_INDEX
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_untrained_loss_is_near_uniform(model):
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, CFG.vocab_size, (4, 16), generator=g)
+    _, loss = model(idx, torch.randint(0, CFG.vocab_size, (4, 16), generator=g))
+    assert abs(loss.item() - math.log(CFG.vocab_size)) < 0.3
+
+
+def test_longer_than_block_size_is_refused(model):
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, CFG.block_size + 1, dtype=torch.long))
+
+
+def test_gelu_is_gpt2_tanh_approximation(model):
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(3, CFG.n_embd)
+    expected = mlp.c_proj(0.5 * mlp.c_fc(x) * (1 + torch.tanh(math.sqrt(2 / math.pi) * (
+        mlp.c_fc(x) + 0.044715 * mlp.c_fc(x) ** 3))))
+    torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_parameter_count_counts_the_tied_head_once(model):
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert model.num_parameters() == sum(unique.values())
+    assert model.num_parameters(non_embedding=True) == model.num_parameters() - CFG.block_size * CFG.n_embd
+
+
+def test_residual_projections_use_scaled_init():
+    torch.manual_seed(0)
+    big = GPT(ModelConfig(vocab_size=101, block_size=16, n_layer=8, n_head=2, n_embd=64))
+    std = big.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.002

@@ -1,0 +1,112 @@
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from slm.config import ModelConfig, TrainConfig
+from slm.model import GPT
+from slm.train import (accumulate, build_optimizer, learning_rate, start, step_optimizer, total_steps)
+
+SCHEDULE = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=110)
+
+
+def test_learning_rate_warms_up_linearly_to_the_peak():
+    assert learning_rate(0, 0.0, SCHEDULE) == pytest.approx(1e-4)
+    assert learning_rate(4, 0.0, SCHEDULE) == pytest.approx(5e-4)
+    assert learning_rate(SCHEDULE.warmup_steps, 0.0, SCHEDULE) == SCHEDULE.learning_rate
+
+
+def test_learning_rate_decays_by_cosine_to_the_floor_and_stays_there():
+    assert learning_rate(60, 0.5, SCHEDULE) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert learning_rate(110, 1.0, SCHEDULE) == SCHEDULE.min_learning_rate
+    assert learning_rate(500, 4.0, SCHEDULE) == SCHEDULE.min_learning_rate
+    lrs = [learning_rate(s, (s - 10) / 100, SCHEDULE) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert min(lrs) >= SCHEDULE.min_learning_rate  # the floor is never above the peak nor undershot
+
+
+def test_token_budget_converts_to_steps():
+    cfg = TrainConfig(max_steps=1000, max_tokens=10_000)
+    assert total_steps(cfg, tokens_per_step=4096) == 3
+    assert total_steps(TrainConfig(max_steps=5), 4096) == 5
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_k_micro_batches_give_the_gradients_of_one_batch_k_times_larger():
+    cfg = ModelConfig(vocab_size=101, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 101, (8, 8), generator=g)
+    y = torch.randint(0, 101, (8, 8), generator=g)
+    y[0, :3] = -100
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    whole = accumulate(model, [(x, y)], torch.device("cpu"), torch.float32, scaler)
+    expected = _grads(model)
+    model.zero_grad()
+    parts = accumulate(model, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], torch.device("cpu"),
+                       torch.float32, scaler)
+    assert parts == pytest.approx(whole, rel=1e-5)
+    for a, b in zip(_grads(model), expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gradients_are_clipped_after_unscaling_under_fp16():
+    cfg = ModelConfig(vocab_size=101, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    x = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    plain = GPT(cfg)
+    plain.load_state_dict(model.state_dict())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    accumulate(model, [(x, x)], torch.device("cpu"), torch.float32, scaler)
+    accumulate(plain, [(x, x)], torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
+    true_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), math.inf).item()
+    optimizer = build_optimizer(model, TrainConfig(), torch.device("cpu"))
+    norm = step_optimizer(model, optimizer, scaler, grad_clip=1e-3)
+    assert norm == pytest.approx(true_norm, rel=1e-4)  # not 4096 times larger
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(ModelConfig(vocab_size=101, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    decayed, plain = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu")).param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_tiny_run_lowers_validation_loss_and_writes_its_files(tiny_run):
+    records = read_metrics(tiny_run)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert all({"lr", "tokens_per_s", "grad_norm"} <= r.keys() for r in steps)
+    assert [r["step"] for r in evals] == [15, 30]
+    assert evals[-1]["val_loss"] < math.log(50257) - 3
+    for name in ("config.toml", "best/model.safetensors", "last/model.safetensors", "last/trainer.pt"):
+        assert (tiny_run / name).is_file()
+
+
+def test_the_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_path, tiny_data):
+    cfg = tiny_config(tiny_data, micro_batch_size=2, max_steps=12, eval_interval=12, warmup_steps=4)
+    assert cfg.train.grad_accum_steps == 4
+    start(cfg, tmp_path / "run")
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
+    assert len(lrs) == 12
+    assert lrs[:4] == pytest.approx([cfg.train.learning_rate * (s + 1) / 4 for s in range(4)])
+
+
+def test_the_same_seed_gives_the_same_losses(tmp_path, tiny_data):
+    cfg = tiny_config(tiny_data, max_steps=6, eval_interval=6)
+    start(cfg, tmp_path / "a")
+    start(cfg, tmp_path / "b")
+    loss = lambda run: [r.get("loss", r.get("val_loss")) for r in read_metrics(run)]
+    assert loss(tmp_path / "a") == loss(tmp_path / "b")
