@@ -46,3 +46,18 @@ def test_an_existing_run_is_not_overwritten(tiny_run, tiny_data, capsys):
     assert main(["train", "--data", str(tiny_data), "--out", str(tiny_run), "--preset", "tiny"]) == 2
     assert "--force" in capsys.readouterr().err
     assert (tiny_run / "last" / "model.safetensors").read_bytes() == before
+
+
+def test_the_public_api_imports_lazily():
+    code = ("import sys, slm; assert 'torch' not in sys.modules; "
+            "from slm import GPT, ModelConfig, load_model, generate, get_tokenizer; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_config_table_is_current():
+    from pathlib import Path
+
+    from slm.config import config_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert config_table() in readme, "regenerate the README table with slm.config.config_table()"

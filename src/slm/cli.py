@@ -19,7 +19,7 @@ EXAMPLES = {
   slm prepare tinystories --out data/tinystories        # Hugging Face roneneldan/TinyStories
   slm prepare stories.txt --out data/mine               # documents separated by <|endoftext|> lines
   slm prepare corpus.jsonl --text-field body --out data/mine
-  slm prepare hf:wikitext --text-field text --out data/wiki""",
+  slm prepare hf:wikitext:wikitext-2-raw-v1 --out data/wiki   # hf:NAME[:CONFIG]""",
     "train": """examples:
   slm train --data data/demo --out runs/demo --preset cpu
   slm train --data data/demo --out runs/small --n-layer 2 --learning-rate 3e-4 --max-minutes 5
@@ -36,7 +36,7 @@ EXAMPLES = {
   slm run tinystories --out runs/tinystories            # the real corpus from the hub (GPU recommended)""",
     "bench": """examples:
   slm bench --preset cpu
-  slm bench --preset seed --steps 20""",
+  slm bench --preset seed --steps 20 --save            # also writes benchmarks/results/DATE-seed-DEVICE.json""",
 }
 
 
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _parser(sub, "prepare", "tokenize a corpus into train.bin / validation.bin / meta.json")
-    p.add_argument("source", help="demo, tinystories, hf:NAME, or a .txt/.jsonl/.parquet file or a folder of them")
+    p.add_argument("source", help="demo, tinystories, hf:NAME[:CONFIG], or a .txt/.jsonl/.parquet file "
+                   "or a folder of them")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/parquet/HF rows")
     p.add_argument("--val-fraction", type=float, default=0.005,
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=preset_names(), default="cpu", help="model and batch to measure")
     p.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default: 10)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--save", action="store_true", help="also write the results as JSON into --results-dir")
+    p.add_argument("--results-dir", default="benchmarks/results",
+                   help="folder for --save's DATE-PRESET-DEVICE.json (default: benchmarks/results)")
     p.set_defaults(module="bench")
     return parser
 

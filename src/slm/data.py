@@ -7,43 +7,22 @@ of a distributed run slices the same global batch, so the data order never depen
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from slm.errors import SlmError
+from slm.prepare import read_meta
 
 SPLITS = ("train", "validation")
 _VALIDATION_STREAM = 2**31 - 1  # a step number training never reaches: the fixed validation windows
 
 
-def read_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise SlmError(f"{data_dir} is not a prepared data folder (no meta.json); make one with "
-                       f"`slm prepare SOURCE --out {data_dir}`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        meta["splits"], meta["tokenizer"], meta["dtype"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise SlmError(f"{path} is corrupt ({err}); prepare the data again with --force") from None
-    return meta
-
-
 def open_split(data_dir: str | Path, split: str) -> np.memmap:
     """The split's tokens as a read-only memmap (never loaded whole into RAM)."""
-    meta = read_meta(data_dir)
-    path = Path(data_dir) / f"{split}.bin"
-    expected = meta["splits"].get(split, {}).get("tokens")
-    if not path.is_file() or expected is None:
-        raise SlmError(f"{path} is missing; prepare the data again with `slm prepare ... --force`")
-    dtype = np.dtype(meta["dtype"])
-    if path.stat().st_size != expected * dtype.itemsize:
-        raise SlmError(f"{path} holds {path.stat().st_size} bytes but meta.json promises {expected} "
-                       f"{dtype} tokens; prepare the data again with --force")
-    return np.memmap(path, dtype=dtype, mode="r")
+    meta = read_meta(data_dir)  # also checks each bin's size against its token count
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
 
 
 def check_fits(tokens: np.memmap, block_size: int, split: str) -> None:

@@ -26,6 +26,7 @@ from slm.config import Config, TrainConfig, flags_from_args, resolve
 from slm.device import autocast, pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.model import GPT, IGNORE_INDEX
+from slm.prepare import read_meta
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (B, T)
 
@@ -176,7 +177,7 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     device = pick_device(t.device)
     dtype = pick_dtype(t.dtype, device)
     tokenizer = get_tokenizer()
-    meta = data.read_meta(t.data) if t.data else None
+    meta = read_meta(t.data) if t.data else None
     if meta is not None:
         check_data_matches(meta, cfg, tokenizer.identity())
     batches = batches or PretrainBatches(t.data, cfg, device)
@@ -260,7 +261,7 @@ def start(cfg: Config, run_dir: Path, force: bool = False) -> TrainState:
     """A new run: check the data, make the run folder, record the resolved config, train."""
     if not cfg.train.data:
         raise SlmError("no training data: pass --data DIR (a folder made by `slm prepare`)")
-    data.read_meta(cfg.train.data)
+    read_meta(cfg.train.data)
     checkpoint.prepare_run_dir(run_dir, force)
     checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
     for section, values in cfg.to_dict().items():

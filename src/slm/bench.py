@@ -1,0 +1,198 @@
+"""`slm bench`: measured throughput of one preset on this machine, printed as a table.
+
+Figures: prepare tokens/s (prepare's own parallel tokenizer on a few MB of the demo corpus), training
+tokens/s (the preset's model and batch through train.py's steps on synthetic tokens, warm-up excluded),
+generation tokens/s with the KV cache and with full recompute at batch 1 and 8, and peak memory. The
+numbers are printed and, with --save, recorded with the machine; tests check that they appear, never
+how large they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slm.config import Config, resolve
+from slm.device import pick_device, pick_dtype
+from slm.errors import SlmError
+from slm.generate import generate_tokens, make_generator
+from slm.model import GPT
+from slm.tokenizer import EOT_ID
+
+PREPARE_CHARS = 4_000_000   # a few MB: long enough that starting the worker processes is noise
+WARMUP_STEPS = 2            # untimed: first-touch allocations, CUDA kernels picked, torch.compile
+SYNTHETIC_TOKENS = 1 << 20  # training windows are drawn from this many random ids
+NEW_TOKENS = 200            # per generation run, or fewer so one context window holds them all
+GENERATE_BATCHES = (1, 8)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so the clock measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def bench_prepare() -> float:
+    """Tokens/s of prepare's tokenizer on every core, over the first PREPARE_CHARS of the demo corpus."""
+    from slm.prepare import tokenize_documents
+    from slm.stories import demo_documents
+
+    docs, chars = [], 0
+    for doc in demo_documents("train"):  # made before the clock starts: only tokenizing is timed
+        docs.append(doc)
+        chars += len(doc)
+        if chars >= PREPARE_CHARS:
+            break
+    start = time.perf_counter()
+    tokens = sum(len(chunk.ids) for chunk in tokenize_documents(docs))
+    return tokens / (time.perf_counter() - start)
+
+
+def synthetic_data(folder: Path, vocab_size: int, seed: int) -> None:
+    """A prepared-folder train split of random ids: enough for training speed, which ignores the text."""
+    from slm.prepare import token_dtype
+
+    dtype = token_dtype(vocab_size)
+    np.random.default_rng(seed).integers(0, vocab_size, SYNTHETIC_TOKENS).astype(dtype).tofile(folder / "train.bin")
+    meta = {"format_version": 1, "tokenizer": {"name": "synthetic"}, "dtype": dtype.name, "source": "slm bench",
+            "splits": {"train": {"tokens": SYNTHETIC_TOKENS, "documents": 0, "bytes": 0}}}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int) -> tuple[GPT, float]:
+    """(the trained model, training tokens/s over `steps` optimizer steps after WARMUP_STEPS untimed ones)."""
+    from slm.train import PretrainBatches, accumulate, build_optimizer, step_optimizer
+
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device).train()
+    compiled = torch.compile(model) if cfg.train.compile else model
+    optimizer = build_optimizer(model, cfg.train, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic_data(Path(tmp), cfg.model.vocab_size, cfg.train.seed)
+        batches = PretrainBatches(tmp, cfg, device)
+        for step in range(WARMUP_STEPS + steps):
+            if step == WARMUP_STEPS:
+                synchronize(device)
+                start = time.perf_counter()
+            accumulate(compiled, batches(step), device, dtype, scaler)
+            step_optimizer(model, optimizer, scaler, cfg.train.grad_clip)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return model, steps * cfg.train.batch_size * cfg.model.block_size / seconds
+
+
+def bench_generate(model: GPT, batch_size: int, new_tokens: int, use_cache: bool) -> float:
+    """Generated tokens/s, summed over the batch, sampling as `slm generate` does by default."""
+    device = model.lm_head.weight.device
+    prompt = torch.full((batch_size, 1), EOT_ID, device=device)  # a new document, as with an empty prompt
+    generator = make_generator(device, seed=0)
+
+    def run(n: int) -> None:
+        deque(generate_tokens(model, prompt, n, temperature=0.8, generator=generator, use_cache=use_cache), maxlen=0)
+
+    run(2)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    run(new_tokens)
+    synchronize(device)
+    return batch_size * new_tokens / (time.perf_counter() - start)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(peak MB, what was measured): allocated GPU memory on CUDA, else the process's maximum RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (2**20 if sys.platform == "darwin" else 2**10), "process max RSS"  # bytes on macOS, KB on Linux
+
+
+def run_bench(preset: str, steps: int, device_name: str) -> dict[str, object]:
+    cfg = resolve(preset)
+    device = pick_device(device_name)
+    dtype = pick_dtype(cfg.train.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prepare = bench_prepare()  # first: its worker processes fork before torch has started any threads
+    model, train = bench_train(cfg, device, dtype, steps)
+    model.eval()
+    new_tokens = min(NEW_TOKENS, cfg.model.block_size - 1)
+    generate = {}
+    for method, use_cache in (("kv_cache", True), ("recompute", False)):
+        for batch in GENERATE_BATCHES:
+            generate[f"{method}_batch_{batch}"] = bench_generate(model, batch, new_tokens, use_cache)
+    peak, peak_kind = peak_memory_mb(device)
+    return {"date": datetime.date.today().isoformat(), "preset": preset, "device": device.type,
+            "dtype": str(dtype).removeprefix("torch."), "machine": machine(device),
+            "model": dataclasses.asdict(cfg.model), "parameters": model.num_parameters(),
+            "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
+            "warmup_steps": WARMUP_STEPS, "timed_steps": steps, "new_tokens": new_tokens,
+            "prepare_tokens_per_s": prepare, "train_tokens_per_s": train, "generate_tokens_per_s": generate,
+            "peak_memory_mb": peak, "peak_memory_kind": peak_kind}
+
+
+def table(r: dict) -> str:
+    m, model = r["machine"], r["model"]
+    hardware = f"{m['cpu']} ({m['cores']} cores)" + (f", {m['gpu']}" if "gpu" in m else "")
+    rows = [("prepare: tokenize demo text, all cores", r["prepare_tokens_per_s"], "tokens/s"),
+            (f"train: {r['timed_steps']} steps after {r['warmup_steps']} warm-up", r["train_tokens_per_s"], "tokens/s")]
+    for name, rate in r["generate_tokens_per_s"].items():
+        method, batch = name.rsplit("_batch_", 1)
+        method = "KV cache" if method == "kv_cache" else method
+        rows.append((f"generate {r['new_tokens']} tokens, {method}, batch {batch}", rate, "tokens/s"))
+    rows.append((f"peak memory ({r['peak_memory_kind']})", r["peak_memory_mb"], "MB"))
+    return "\n".join([
+        f"slm bench: preset {r['preset']} on {r['device']} ({r['dtype']}), {r['date']}",
+        f"machine: {hardware}, torch {m['torch']}, Python {m['python']}",
+        f"model: {r['parameters'] / 1e6:.2f}M parameters, {model['n_layer']} layers x {model['n_embd']} wide, "
+        f"context {model['block_size']}; batch {r['batch_size']} x {model['block_size']} tokens",
+        "",
+        *(f"  {label:<44} {value:>12,.0f} {unit}" for label, value, unit in rows),
+    ])
+
+
+def main(args) -> int:
+    from slm.checkpoint import write_text_atomic
+
+    if args.steps < 1:
+        raise SlmError(f"--steps must be at least 1 (got {args.steps})")
+    results = run_bench(args.preset, args.steps, args.device)
+    print(table(results))
+    if args.save:
+        folder = Path(args.results_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{results['date']}-{results['preset']}-{results['device']}.json"
+        write_text_atomic(path, json.dumps(results, indent=2) + "\n")
+        print(f"saved {path}", file=sys.stderr)
+    return 0
