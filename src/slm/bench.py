@@ -23,12 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slm.checkpoint import write_text_atomic
 from slm.config import Config, resolve
-from slm.device import pick_device, pick_dtype
+from slm.device import keep_freed_memory, pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.generate import generate_tokens, make_generator
 from slm.model import GPT
+from slm.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
+from slm.stories import demo_documents
 from slm.tokenizer import EOT_ID
+from slm.train import PretrainBatches, accumulate, build_optimizer, step_optimizer
 
 PREPARE_CHARS = 4_000_000   # a few MB: long enough that starting the worker processes is noise
 WARMUP_STEPS = 2            # untimed: first-touch allocations, CUDA kernels picked, torch.compile
@@ -63,9 +67,6 @@ def machine(device: torch.device) -> dict[str, object]:
 
 def bench_prepare() -> float:
     """Tokens/s of prepare's tokenizer on every core, over the first PREPARE_CHARS of the demo corpus."""
-    from slm.prepare import tokenize_documents
-    from slm.stories import demo_documents
-
     docs, chars = [], 0
     for doc in demo_documents("train"):  # made before the clock starts: only tokenizing is timed
         docs.append(doc)
@@ -78,20 +79,19 @@ def bench_prepare() -> float:
 
 
 def synthetic_data(folder: Path, vocab_size: int, seed: int) -> None:
-    """A prepared-folder train split of random ids: enough for training speed, which ignores the text."""
-    from slm.prepare import token_dtype
-
+    """A prepared folder of random ids, validation empty: training speed does not depend on the text."""
     dtype = token_dtype(vocab_size)
     np.random.default_rng(seed).integers(0, vocab_size, SYNTHETIC_TOKENS).astype(dtype).tofile(folder / "train.bin")
-    meta = {"format_version": 1, "tokenizer": {"name": "synthetic"}, "dtype": dtype.name, "source": "slm bench",
-            "splits": {"train": {"tokens": SYNTHETIC_TOKENS, "documents": 0, "bytes": 0}}}
+    (folder / "validation.bin").touch()
+    splits = {"train": {"tokens": SYNTHETIC_TOKENS, "documents": 0, "bytes": 0},
+              "validation": {"tokens": 0, "documents": 0, "bytes": 0}}
+    meta = {"format_version": FORMAT_VERSION, "tokenizer": {"name": "synthetic"}, "dtype": dtype.name,
+            "source": "slm bench", "splits": splits}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
 def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int) -> tuple[GPT, float]:
     """(the trained model, training tokens/s over `steps` optimizer steps after WARMUP_STEPS untimed ones)."""
-    from slm.train import PretrainBatches, accumulate, build_optimizer, step_optimizer
-
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device).train()
     compiled = torch.compile(model) if cfg.train.compile else model
@@ -141,6 +141,7 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 def run_bench(preset: str, steps: int, device_name: str) -> dict[str, object]:
     cfg = resolve(preset)
     device = pick_device(device_name)
+    keep_freed_memory()
     dtype = pick_dtype(cfg.train.dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,8 +184,6 @@ def table(r: dict) -> str:
 
 
 def main(args) -> int:
-    from slm.checkpoint import write_text_atomic
-
     if args.steps < 1:
         raise SlmError(f"--steps must be at least 1 (got {args.steps})")
     results = run_bench(args.preset, args.steps, args.device)

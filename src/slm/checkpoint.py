@@ -4,18 +4,24 @@
     RUN/metrics.jsonl     one JSON object per optimizer step and per evaluation
     RUN/best/             the checkpoint with the lowest validation loss so far
     RUN/last/             the newest checkpoint, with optimizer and trainer state for resuming
+    RUN/history/step-N/   older `last` checkpoints, the newest keep_checkpoints - 1 of them
 
 A checkpoint folder holds `model.safetensors` (the weights, the tied head stored once; the config and
 tokenizer identity in its metadata) and, for `last`, `trainer.pt` (optimizer and trainer state, read with
-`torch.load(weights_only=True)`, so nothing in a checkpoint can run code). Each folder is written under a
-temporary name, flushed, then renamed into place: a crash leaves the previous checkpoint intact.
+`torch.load(weights_only=True)`, so nothing in a checkpoint can run code), and `manifest.json` with the
+step and a SHA-256 of each file, so a truncated or corrupted checkpoint is detected before it is used. Each
+folder is written under a temporary name, flushed, then renamed into place: a crash at any moment leaves
+the previous checkpoint intact (in `last/`, or moved to `history/` just before the new one took its place).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,8 @@ from slm.model import GPT
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 TRAINER = "trainer.pt"
+MANIFEST = "manifest.json"
+HISTORY = "history"
 TIED_HEAD = "lm_head.weight"
 
 
@@ -61,29 +69,92 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save(run_dir: Path, name: str, model: GPT, cfg: Config, tokenizer: dict[str, Any],
-         trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write RUN/name/ atomically: build it under a temporary name, then swap it in."""
+         trainer_state: dict[str, Any] | None = None, step: int = 0, keep: int = 1) -> Path:
+    """Write RUN/name/ atomically: build it under a temporary name, then swap it in. The checkpoint it
+    replaces moves to RUN/history/ when `keep` > 1, where only the newest keep - 1 stay."""
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED_HEAD}
-    metadata = {"format_version": str(FORMAT_VERSION), "config": cfg.to_json(), "tokenizer": json.dumps(tokenizer)}
-    save_file(state, tmp / WEIGHTS, metadata=metadata)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER)
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    old = run_dir / f".{name}.old-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED_HEAD}
+        metadata = {"format_version": str(FORMAT_VERSION), "config": cfg.to_json(),
+                    "tokenizer": json.dumps(tokenizer)}
+        save_file(state, tmp / WEIGHTS, metadata=metadata)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER)
+        files = {file.name: _sha256(file) for file in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}), encoding="utf-8")
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise SlmError(f"the disk filled while writing a checkpoint to {final}; the previous checkpoint "
+                           f"is intact: free some space, then resume with --resume") from None
+        raise
     if final.exists():
-        os.replace(final, old)
+        retired = (run_dir / HISTORY / f"step-{_manifest_step(final):08d}" if keep > 1
+                   else run_dir / f".{name}.old-{os.getpid()}")
+        retired.parent.mkdir(exist_ok=True)
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
     os.replace(tmp, final)
     _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(run_dir / f".{name}.old-{os.getpid()}", ignore_errors=True)
+    if keep > 1:
+        for old in sorted((run_dir / HISTORY).glob("step-*"), reverse=True)[keep - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _manifest_step(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def verify(folder: Path) -> None:
+    """Raise SlmError unless every file of the checkpoint matches the hash its manifest recorded."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SlmError(f"{folder} has no readable {MANIFEST} ({err}); it is incomplete") from None
+    for name, expected in files.items():
+        if not (folder / name).is_file() or _sha256(folder / name) != expected:
+            raise SlmError(f"{folder / name} is truncated or corrupt (its hash differs from {MANIFEST})")
+
+
+def resumable(run_dir: Path) -> Path:
+    """The newest checkpoint of the run that verifies: RUN/last, else the newest in RUN/history."""
+    candidates = [run_dir / "last"] + sorted((run_dir / HISTORY).glob("step-*"), reverse=True)
+    problems = []
+    for folder in candidates:
+        if not folder.exists():
+            continue
+        try:
+            verify(folder)
+            if not (folder / TRAINER).is_file():
+                raise SlmError(f"{folder} has no {TRAINER}")
+            return folder
+        except SlmError as err:
+            problems.append(str(err))
+            print(f"slm: warning: skipping {folder}: {err}", file=sys.stderr)
+    raise SlmError(f"{run_dir} has no valid checkpoint to resume from"
+                   + (f" ({'; '.join(problems)})" if problems else "") + "; start again with --force")
 
 
 def read_header(checkpoint_dir: Path) -> tuple[Config, dict[str, Any]]:
@@ -106,19 +177,23 @@ def read_header(checkpoint_dir: Path) -> tuple[Config, dict[str, Any]]:
     return Config.from_dict(json.loads(metadata["config"]), str(path)), json.loads(metadata.get("tokenizer", "{}"))
 
 
+def load_weights(model: GPT, folder: Path) -> None:
+    """Read a checkpoint's weights into a model of the same config (the tied head follows wte)."""
+    try:
+        state = load_file(folder / WEIGHTS)
+    except (SafetensorError, OSError) as err:
+        raise SlmError(f"{folder / WEIGHTS} is corrupt or truncated ({err}); retrain or use the "
+                       f"other checkpoint") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {TIED_HEAD} or unexpected:
+        raise SlmError(f"{folder / WEIGHTS} does not match its config (missing {missing}, unexpected {unexpected})")
+
+
 def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, Config, dict[str, Any]]:
     """Rebuild the model of a checkpoint folder; returns (model in eval mode, config, tokenizer identity)."""
     cfg, tokenizer = read_header(checkpoint_dir)
     model = GPT(cfg.model)
-    try:
-        state = load_file(checkpoint_dir / WEIGHTS)
-    except (SafetensorError, OSError) as err:
-        raise SlmError(f"{checkpoint_dir / WEIGHTS} is corrupt or truncated ({err}); retrain or use the "
-                       f"other checkpoint") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) != {TIED_HEAD} or unexpected:
-        raise SlmError(f"{checkpoint_dir / WEIGHTS} does not match its config (missing {missing}, "
-                       f"unexpected {unexpected})")
+    load_weights(model, checkpoint_dir)
     return model.to(device).eval(), cfg, tokenizer
 
 
@@ -143,6 +218,22 @@ def checkpoint_dir(run: str | Path, which: str = "best") -> Path:
     if not (chosen / WEIGHTS).is_file():
         raise SlmError(f"{run} has no {which} checkpoint yet; train it until its first evaluation")
     return chosen
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """Drop the records a killed run wrote after `step` (they are about to be redone) and mark the resume,
+    so metrics.jsonl reads as one run with each step recorded once."""
+    kept = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+    kept.append(json.dumps({"event": "resumed", "step": step}))
+    write_text_atomic(path, "\n".join(kept) + "\n")
 
 
 class MetricsLog:

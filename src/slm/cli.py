@@ -23,7 +23,8 @@ EXAMPLES = {
     "train": """examples:
   slm train --data data/demo --out runs/demo --preset cpu
   slm train --data data/demo --out runs/small --n-layer 2 --learning-rate 3e-4 --max-minutes 5
-  slm train --config runs/demo/config.toml --out runs/again""",
+  slm train --config runs/demo/config.toml --out runs/again
+  slm train --data data/demo --out runs/demo --preset cpu --resume     # continue after a stop or a crash""",
     "generate": """examples:
   slm generate runs/demo --prompt "Once upon a time" --max-new-tokens 200
   slm generate runs/demo --temperature 0                # greedy
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "train", "train a GPT from scratch on prepared data")
     p.add_argument("--out", required=True, help="run folder for checkpoints, config.toml and metrics.jsonl")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest valid checkpoint (same command line + --resume)")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
     _add_config_source(p)
     add_config_flags(p)

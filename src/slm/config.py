@@ -90,11 +90,16 @@ class TrainConfig:
     dtype: str = _help(f"compute precision: one of {', '.join(DTYPES)} (auto: bfloat16 on CUDA if "
                        "supported, else float16 there; float32 on other devices)", "auto")
     compile: bool = _help("compile the model with torch.compile", False)
+    keep_checkpoints: int = _help("resumable checkpoints kept: RUN/last plus the newest older ones in "
+                                  "RUN/history (RUN/best is kept besides)", 2)
+    max_bad_steps: int = _help("stop after this many optimizer steps in a row with a non-finite loss or "
+                               "gradient (each is skipped)", 5)
 
     def __post_init__(self) -> None:
         _positive("train", batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
                   learning_rate=self.learning_rate, max_steps=self.max_steps,
-                  eval_interval=self.eval_interval, eval_batches=self.eval_batches)
+                  eval_interval=self.eval_interval, eval_batches=self.eval_batches,
+                  keep_checkpoints=self.keep_checkpoints, max_bad_steps=self.max_bad_steps)
         if self.batch_size % self.micro_batch_size:
             raise SlmError(f"--batch-size ({self.batch_size}) must be a multiple of --micro-batch-size "
                            f"({self.micro_batch_size})")
@@ -114,6 +119,12 @@ class TrainConfig:
     @property
     def grad_accum_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
+
+
+# Train fields a resumed run may change: budgets, reporting and placement. Everything else would make the
+# resumed run a different run, so changing it on --resume is an error.
+RESUMABLE_CHANGES = frozenset({"data", "max_steps", "max_tokens", "max_minutes", "eval_interval", "eval_batches",
+                               "sample_tokens", "device", "dtype", "compile", "keep_checkpoints", "max_bad_steps"})
 
 
 @dataclass(frozen=True)
@@ -173,6 +184,20 @@ def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
 
 def _field_type(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
+def check_resume_changes(saved: Config, asked: Config) -> None:
+    """On --resume the architecture and the optimisation come from the checkpoint; a flag that conflicts
+    with them is an error rather than a silently different run."""
+    conflicts = []
+    for section in SECTIONS:
+        for f in fields(SECTIONS[section]):
+            old, new = getattr(getattr(saved, section), f.name), getattr(getattr(asked, section), f.name)
+            if old != new and not (section == "train" and f.name in RESUMABLE_CHANGES):
+                conflicts.append(f"--{f.name.replace('_', '-')} {new} (the run has {old})")
+    if conflicts:
+        raise SlmError(f"cannot resume with {', '.join(conflicts)}: on --resume these come from the checkpoint; "
+                       f"drop those flags or start a new run with another --out")
 
 
 def preset_names() -> list[str]:

@@ -21,9 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from slm import data
-from slm.device import autocast, pick_device, pick_dtype
+from slm.checkpoint import checkpoint_dir, load_model
+from slm.device import autocast, keep_freed_memory, pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.model import GPT
+from slm.prepare import iter_file_documents, read_meta, tokenize_documents
+from slm.tokenizer import get_tokenizer
+from slm.train import check_data_matches
 
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
@@ -71,9 +75,6 @@ def prepared_tokens(folder: Path) -> tuple[np.ndarray, int, dict]:
 def file_tokens(path: Path, text_field: str) -> tuple[np.ndarray, int, dict]:
     """A raw .txt/.jsonl file tokenized by prepare's own functions (documents stripped, EOT after each).
     The ids are held in memory, 2 bytes a token: an evaluation file is a validation set, not a corpus."""
-    from slm.prepare import iter_file_documents, tokenize_documents
-    from slm.tokenizer import get_tokenizer
-
     chunks = list(tokenize_documents(iter_file_documents(path, text_field)))
     tokens = np.concatenate([chunk.ids for chunk in chunks]) if chunks else np.zeros(0, dtype=np.uint16)
     return tokens, sum(chunk.bytes for chunk in chunks), get_tokenizer().identity()
@@ -97,9 +98,6 @@ def table(results: dict[str, float | int], checkpoint: Path, source: str) -> str
 
 
 def main(args) -> int:
-    from slm.checkpoint import checkpoint_dir, load_model
-    from slm.train import check_data_matches
-
     if args.batch_size < 1:
         raise SlmError(f"--batch-size must be at least 1 (got {args.batch_size})")
     chosen = checkpoint_dir(args.run, args.checkpoint)  # a wrong run fails before a long tokenization
@@ -115,6 +113,7 @@ def main(args) -> int:
     if len(tokens) < 2:
         raise SlmError(f"{source} holds {len(tokens)} tokens; at least 2 are needed to predict one")
     device = pick_device(args.device)
+    keep_freed_memory()
     model, cfg, model_tokenizer = load_model(chosen, device)
     check_data_matches({"tokenizer": tokenizer}, cfg, model_tokenizer)
     total_nats, n_predicted = evaluate_tokens(model, tokens, args.batch_size, device, pick_dtype("auto", device))

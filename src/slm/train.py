@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import math
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from slm import checkpoint, data
-from slm.config import Config, TrainConfig, flags_from_args, resolve
-from slm.device import autocast, pick_device, pick_dtype
+from slm.config import Config, TrainConfig, check_resume_changes, flags_from_args, resolve
+from slm.device import autocast, keep_freed_memory, pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.model import GPT, IGNORE_INDEX
 from slm.prepare import read_meta
@@ -40,12 +44,15 @@ class TrainState:
     best_val_loss: float = math.inf
     train_seconds: float = 0.0         # time spent training, summed over resumes
     warmup_end_seconds: float = 0.0    # train_seconds when warm-up ended (a time budget decays after it)
+    skipped_steps: int = 0             # steps whose non-finite loss or gradient was not applied
+    bad_steps_in_row: int = 0
     rng: dict[str, Any] = field(default_factory=dict)
+    stopped_by: int = 0                # the signal that stopped this process, 0 if none (not saved)
 
     def state_dict(self) -> dict[str, Any]:
         self.rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "stopped_by"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
@@ -110,13 +117,41 @@ def accumulate(model: torch.nn.Module, micro_batches: list[Batch], device: torch
 
 def step_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    grad_clip: float) -> float:
-    """Unscale (fp16), clip the true gradient norm, step, clear; returns the norm before clipping."""
+    """Unscale (fp16), clip the true gradient norm, step unless it is non-finite, clear; returns the norm
+    before clipping (inf or nan when the step was skipped)."""
     scaler.unscale_(optimizer)  # clipping scaled gradients would clip at grad_clip * scale
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    scaler.step(optimizer)
-    scaler.update()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
+    if math.isfinite(norm):
+        scaler.step(optimizer)
+    scaler.update()  # under fp16 an overflow lowers the scale here
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM asks the loop to save a checkpoint and stop after the current step; a second
+    Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\nslm: {signal.Signals(signum).name} received: saving a checkpoint after this step "
+              "(press Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 @torch.no_grad()
@@ -167,9 +202,11 @@ def check_data_matches(meta: dict, cfg: Config, tokenizer_identity: dict) -> Non
 
 
 def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | None = None,
-          val_batches: list[Batch] | None = None, init_model: GPT | None = None) -> TrainState:
+          val_batches: list[Batch] | None = None, init_model: GPT | None = None,
+          resume_from: Path | None = None) -> TrainState:
     """Train cfg's model into run_dir. `batches(step)` gives each step's micro-batches (default: random
-    windows of cfg.train.data); fine-tuning passes its own batches and a pretrained `init_model`."""
+    windows of cfg.train.data); fine-tuning passes its own batches and a pretrained `init_model`;
+    `resume_from` is a checkpoint folder whose model, optimizer and trainer state the run continues from."""
     from slm.generate import sample_text
     from slm.tokenizer import get_tokenizer
 
@@ -185,17 +222,26 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     bytes_per_token = (meta["splits"]["validation"]["bytes"] / max(meta["splits"]["validation"]["tokens"], 1)
                        if meta else None)
 
+    keep_freed_memory()
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     raw_model = (init_model or GPT(cfg.model)).to(device).train()
-    model = torch.compile(raw_model) if t.compile else raw_model
     optimizer = build_optimizer(raw_model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = TrainState()
+    if resume_from is not None:
+        saved = checkpoint.load_trainer_state(resume_from)
+        checkpoint.load_weights(raw_model, resume_from)
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        state.load_state_dict(saved["state"])  # last: it restores the RNG states too
+        checkpoint.rewind_metrics(run_dir / "metrics.jsonl", state.step)
+        print(f"resuming from {resume_from} at step {state.step}", file=sys.stderr)
+    model = torch.compile(raw_model) if t.compile else raw_model
 
     tokens_per_step = t.batch_size * cfg.model.block_size
     steps = total_steps(t, tokens_per_step)
-    print(f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
+    print(f"GPT: {raw_model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
           f"{cfg.model.n_embd} wide, context {cfg.model.block_size} | device {device}, {str(dtype).split('.')[-1]}",
           file=sys.stderr)
     print(f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
@@ -206,6 +252,12 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     progress = tqdm(total=steps, initial=state.step, desc="train", unit="step", file=sys.stderr,
                     dynamic_ncols=True)
 
+    def save_last() -> None:
+        trainer_state = {"state": state.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict()}
+        checkpoint.save(run_dir, "last", raw_model, cfg, tokenizer.identity(), trainer_state, state.step,
+                        t.keep_checkpoints)
+
     def evaluate_and_save() -> None:
         val_loss = estimate_loss(model, val_batches, device, dtype)
         record: dict[str, Any] = {"step": state.step, "val_loss": val_loss, "tokens_seen": state.tokens_seen}
@@ -214,47 +266,73 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         improved = val_loss < state.best_val_loss
         state.best_val_loss = min(state.best_val_loss, val_loss)
         metrics.write(record)
-        progress.write(f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+        progress.write(f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""),
+                       file=sys.stderr)
         if t.sample_tokens:
             raw_model.eval()
-            progress.write("  " + sample_text(raw_model, tokenizer, "", t.sample_tokens, seed=t.seed).strip())
+            sample = sample_text(raw_model, tokenizer, "", t.sample_tokens, seed=t.seed)
+            progress.write("  " + sample.strip().replace("\n", " "), file=sys.stderr)
             raw_model.train()
-        trainer_state = {"state": state.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict()}
-        checkpoint.save(run_dir, "last", raw_model, cfg, tokenizer.identity(), trainer_state)
+        save_last()
         if improved:
-            checkpoint.save(run_dir, "best", raw_model, cfg, tokenizer.identity())
+            checkpoint.save(run_dir, "best", raw_model, cfg, tokenizer.identity(), step=state.step)
 
     def finished() -> bool:
         return state.step >= steps or bool(t.max_minutes) and state.train_seconds >= t.max_minutes * 60
 
-    while not finished():
-        started = time.perf_counter()
-        lr = learning_rate(state.step, decay_progress(state, t, steps), t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = accumulate(model, batches(state.step), device, dtype, scaler)
-        grad_norm = step_optimizer(raw_model, optimizer, scaler, t.grad_clip)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        state.step += 1
-        state.tokens_seen += tokens_per_step
-        state.train_seconds += seconds
-        if state.step == t.warmup_steps:
-            state.warmup_end_seconds = state.train_seconds
-        metrics.write({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens_per_step / seconds, "tokens_seen": state.tokens_seen})
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
-        if state.step % t.eval_interval == 0 or finished():
-            evaluate_and_save()
-    progress.close()
-    metrics.close()
+    with StopOnSignal() as stop, progress, closing(metrics):
+        while not finished() and stop.received is None:
+            started = time.perf_counter()
+            lr = learning_rate(state.step, decay_progress(state, t, steps), t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = accumulate(model, batches(state.step), device, dtype, scaler)
+            grad_norm = step_optimizer(raw_model, optimizer, scaler, t.grad_clip)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            state.train_seconds += seconds
+            if state.step == t.warmup_steps:
+                state.warmup_end_seconds = state.train_seconds
+            record = {"step": state.step, "loss": _finite_or_none(loss), "lr": lr,
+                      "grad_norm": _finite_or_none(grad_norm), "tokens_per_s": tokens_per_step / seconds,
+                      "tokens_seen": state.tokens_seen}
+            if not math.isfinite(grad_norm):  # the update was not applied
+                record["skipped"] = True
+                state.skipped_steps += 1
+                # Under fp16 an overflowing gradient with a finite loss is the grad scaler's normal business.
+                if not (scaler.is_enabled() and math.isfinite(loss)):
+                    state.bad_steps_in_row += 1
+            else:
+                state.bad_steps_in_row = 0
+            metrics.write(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
+            if state.bad_steps_in_row >= t.max_bad_steps:
+                raise SlmError(f"{state.bad_steps_in_row} steps in a row (up to step {state.step}) had a non-finite "
+                               f"loss or gradient and were skipped; stopping. The last good checkpoint is in "
+                               f"{run_dir / 'last'}: lower --learning-rate or check the data, then --resume")
+            if state.step % t.eval_interval == 0 or finished():
+                evaluate_and_save()
+            elif stop.received is not None:
+                save_last()
+    if stop.received is not None:
+        command = " ".join(shlex.quote(arg) for arg in ["slm", *sys.argv[1:]])
+        print(f"slm: stopped by {signal.Signals(stop.received).name} at step {state.step}; the checkpoint is in "
+              f"{run_dir / 'last'}. Resume with: {command}" + ("" if "--resume" in sys.argv else " --resume"),
+              file=sys.stderr)
+        state.stopped_by = stop.received
+        return state
     print(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds / 60:.1f} min; "
           f"best val loss {state.best_val_loss:.4f}; checkpoints in {run_dir}/best and {run_dir}/last",
           file=sys.stderr)
     return state
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no NaN or Infinity
 
 
 def start(cfg: Config, run_dir: Path, force: bool = False) -> TrainState:
@@ -264,11 +342,36 @@ def start(cfg: Config, run_dir: Path, force: bool = False) -> TrainState:
     read_meta(cfg.train.data)
     checkpoint.prepare_run_dir(run_dir, force)
     checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
-    for section, values in cfg.to_dict().items():
-        print(f"{section}: " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
+    _print_config(cfg)
     return train(cfg, run_dir)
 
 
+def resume(run_dir: Path, preset: str | None = None, toml_path: str | None = None,
+           flags: dict[str, dict[str, Any]] | None = None) -> TrainState:
+    """Continue a run from its newest valid checkpoint; the checkpoint's config is the base that the given
+    preset, TOML and flags apply over, and only budgets and reporting may change."""
+    if not (run_dir / "config.toml").is_file():
+        raise SlmError(f"{run_dir} holds no run to resume; start one without --resume")
+    folder = checkpoint.resumable(run_dir)
+    saved, _ = checkpoint.read_header(folder)
+    cfg = resolve(preset, toml_path, flags, base=saved)
+    check_resume_changes(saved, cfg)
+    checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+    _print_config(cfg)
+    return train(cfg, run_dir, resume_from=folder)
+
+
+def _print_config(cfg: Config) -> None:
+    for section, values in cfg.to_dict().items():
+        print(f"{section}: " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
+
+
 def main(args) -> int:
-    start(resolve(args.preset, args.config, flags_from_args(args)), Path(args.out), args.force)
-    return 0
+    flags = flags_from_args(args)
+    if args.resume:
+        if args.force:
+            raise SlmError("--resume continues a run and --force replaces it; pass only one")
+        state = resume(Path(args.out), args.preset, args.config, flags)
+    else:
+        state = start(resolve(args.preset, args.config, flags), Path(args.out), args.force)
+    return 128 + state.stopped_by if state.stopped_by else 0
