@@ -97,3 +97,15 @@ def test_metrics_log_appends_json_lines(tmp_path):
     log.write({"step": 2, "loss": 1.5})
     log.close()
     assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_compact_head_round_trips_with_its_frequency_tables(tmp_path):
+    cfg = Config(model=ModelConfig(vocab_size=101, block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_head=8))
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    model.lm_head.set_frequencies(torch.arange(101).flip(0))
+    checkpoint.save(tmp_path, "best", model, cfg, {})
+    loaded, _, _ = checkpoint.load_model(tmp_path / "best")
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(ids)[0], model(ids)[0])
+    assert torch.equal(loaded.lm_head.head_ids, torch.arange(8))

@@ -53,6 +53,7 @@ def test_loss_is_mean_cross_entropy_over_counted_targets(model):
     targets = torch.randint(0, CFG.vocab_size, (2, 8), generator=g)
     targets[0, :5] = IGNORE_INDEX
     logits, loss = model(idx, targets)
+    torch.testing.assert_close(logits, model(idx)[0])
     keep = targets != IGNORE_INDEX
     expected = F.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(loss, expected)
@@ -89,3 +90,66 @@ def test_residual_projections_use_scaled_init():
     big = GPT(ModelConfig(vocab_size=101, block_size=16, n_layer=8, n_head=2, n_embd=64))
     std = big.transformer.h[0].mlp.c_proj.weight.std().item()
     assert abs(std - 0.02 / math.sqrt(16)) < 0.002
+
+
+COMPACT = ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_head=10)
+
+
+@pytest.fixture
+def compact():
+    torch.manual_seed(0)
+    model = GPT(COMPACT).double().eval()
+    counts = torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5))
+    counts[[7, 42]] = 0  # never seen in training
+    model.lm_head.set_frequencies(counts)
+    return model, counts
+
+
+def test_compact_head_keeps_the_k_most_frequent_ids(compact):
+    model, counts = compact
+    assert set(model.lm_head.head_ids.tolist()) == set(counts.topk(10).indices.tolist())
+
+
+def test_compact_head_probabilities_over_all_ids_sum_to_one(compact):
+    model, _ = compact
+    logits, _ = model(torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(1)))
+    assert logits.shape == (3, 16, 101) and logits.dtype == torch.float64
+    torch.testing.assert_close(logits.softmax(-1).sum(-1), torch.ones(3, 16, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_compact_head_loss_equals_cross_entropy_of_the_expanded_distribution(compact):
+    model, _ = compact
+    g = torch.Generator().manual_seed(2)
+    idx, targets = torch.randint(0, 101, (2, 16), generator=g), torch.randint(0, 101, (2, 16), generator=g)
+    targets[1, :4] = IGNORE_INDEX
+    logits, _ = model(idx)
+    _, loss = model(idx, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 101), targets.view(-1)), atol=1e-12, rtol=0)
+
+
+def test_every_id_even_one_never_seen_gets_a_finite_loss(compact):
+    model, _ = compact
+    idx = torch.zeros(101, 1, dtype=torch.long)
+    targets = torch.arange(101).view(101, 1)
+    per_id = [model(idx[i:i + 1], targets[i:i + 1])[1].item() for i in range(101)]
+    assert all(math.isfinite(v) for v in per_id)
+    assert per_id[7] > per_id[int(model.lm_head.head_ids[0])]
+
+
+def test_sampling_from_a_compact_head_returns_real_ids_in_proportion(compact):
+    model, _ = compact
+    logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
+    probs = logits[0, -1].softmax(-1)
+    draws = torch.multinomial(probs.float(), 20000, replacement=True, generator=torch.Generator().manual_seed(3))
+    assert draws.max() < 101
+    rare = model.lm_head.class_of[draws] == 10
+    assert abs(rare.float().mean().item() - probs[model.lm_head.class_of == 10].sum().item()) < 0.02
+
+
+def test_compact_head_is_tied_to_the_token_embedding(compact):
+    model, _ = compact
+    head_id = int(model.lm_head.head_ids[0])
+    x = torch.randn(1, 1, 32, dtype=torch.float64)
+    expected = x[0, 0] @ model.transformer.wte.weight[head_id]
+    torch.testing.assert_close(model.lm_head(x)[0, 0, head_id], expected)
+    assert not any(name.startswith("lm_head.wte") for name in model.state_dict())

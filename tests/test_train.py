@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -110,3 +111,16 @@ def test_the_same_seed_gives_the_same_losses(tmp_path, tiny_data):
     start(cfg, tmp_path / "b")
     loss = lambda run: [r.get("loss", r.get("val_loss")) for r in read_metrics(run)]
     assert loss(tmp_path / "a") == loss(tmp_path / "b")
+
+
+def test_a_compact_head_run_learns_and_its_model_generates(tmp_path, tiny_data, capsys):
+    from slm.cli import main
+
+    cfg = tiny_config(tiny_data, max_steps=12, eval_interval=6)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_head=16))
+    start(cfg, tmp_path / "run")
+    evals = [r["val_loss"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert evals[-1] < math.log(50257) - 3
+    assert "most frequent ids cover" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Tom", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("Tom")

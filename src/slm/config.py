@@ -47,6 +47,8 @@ class ModelConfig:
     n_embd: int = _help("width of the residual stream (embedding size)", 256)
     dropout: float = _help("dropout probability on embeddings, attention and residual branches", 0.0)
     bias: bool = _help("use biases in linear layers and layer norms, as GPT-2 does", True)
+    vocab_head: int = _help("score only the K most frequent ids of the training data plus one 'other' class "
+                            "(an exact distribution over all ids; much faster on CPUs); 0: the full head", 0)
 
     def __post_init__(self) -> None:
         _positive("model", vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
@@ -54,6 +56,9 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise SlmError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}); "
                            f"try --n-head {_largest_divisor_at_most(self.n_embd, self.n_head)}")
+        if not 0 <= self.vocab_head < self.vocab_size:
+            raise SlmError(f"--vocab-head must be 0 (full head) or between 1 and {self.vocab_size - 1} "
+                           f"(got {self.vocab_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise SlmError(f"--dropout must be in [0, 1) (got {self.dropout})")
 

@@ -52,3 +52,11 @@ def get_batch(tokens: np.memmap, starts: np.ndarray, block_size: int,
     else:
         batch = batch.to(device)
     return batch[:, :-1], batch[:, 1:]
+
+
+def token_counts(tokens: np.memmap, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """How often each id occurs, counted a chunk at a time so a corpus larger than RAM works."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), chunk):
+        counts += np.bincount(tokens[start:start + chunk], minlength=vocab_size)[:vocab_size]
+    return counts

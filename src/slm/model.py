@@ -82,6 +82,65 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over many classes in bf16/fp16 loses precision: compute it in float32 (or float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class CompactHead(nn.Module):
+    """An exact output layer that scores only the K most frequent ids plus one "other" class.
+
+    p(id) = softmax(class logits)[id's class] for the K frequent ids, and P(other) * q(id) for every other id,
+    where q is a fixed distribution over the rare ids (their smoothed training frequencies). That is a proper
+    distribution over the whole vocabulary, so loss, perplexity and bits per byte stay exact and comparable
+    with a full head, while the (B*T, V) matmul that dominates a small model on a CPU shrinks to (B*T, K+1).
+    The frequent ids' output vectors are rows of the token embedding (tied, as in GPT-2)."""
+
+    def __init__(self, cfg: ModelConfig, wte: nn.Embedding) -> None:
+        super().__init__()
+        self.wte = [wte]  # a list, so the tied embedding is not registered (and saved) twice
+        self.other = nn.Parameter(torch.zeros(1, cfg.n_embd))
+        # Filled from the training data by set_frequencies(), or by loading a checkpoint.
+        self.register_buffer("head_ids", torch.arange(cfg.vocab_head))                      # (K,)
+        self.register_buffer("class_of", torch.full((cfg.vocab_size,), cfg.vocab_head))   # (V,) id -> 0..K
+        self.register_buffer("log_q", torch.zeros(cfg.vocab_size))                         # (V,) 0 for the K
+
+    def set_frequencies(self, counts: torch.Tensor) -> None:
+        """Choose the K most frequent ids of `counts` (V,) and q over the rest, add-one smoothed so that
+        every id, even one never seen in training, keeps a non-zero probability."""
+        K = self.head_ids.numel()
+        counts = counts.double()
+        head_ids = torch.argsort(counts, descending=True, stable=True)[:K]
+        class_of = torch.full_like(self.class_of, K)
+        class_of[head_ids] = torch.arange(K, device=class_of.device)
+        rare = class_of == K
+        q = torch.where(rare, counts + 1.0, torch.zeros_like(counts))
+        log_q = torch.where(rare, torch.log(q / q.sum()), torch.zeros_like(counts))
+        self.head_ids.copy_(head_ids)
+        self.class_of.copy_(class_of)
+        self.log_q.copy_(log_q.to(self.log_q.dtype))
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, K+1): the K frequent ids, then "other"."""
+        weight = torch.cat([self.wte[0].weight[self.head_ids], self.other])  # (K+1, C)
+        return x @ weight.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (B, T, V) whose softmax is exactly the head's distribution."""
+        return self.class_logits(x)[..., self.class_of] + self.log_q
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean of -log p(target) over targets that are not IGNORE_INDEX, without the (B, T, V) logits."""
+        targets = targets.reshape(-1)
+        counted = targets != IGNORE_INDEX
+        safe = torch.where(counted, targets, 0)
+        logits = _at_least_float32(self.class_logits(x)).view(-1, self.head_ids.numel() + 1)
+        nll = F.cross_entropy(logits, torch.where(counted, self.class_of[safe], IGNORE_INDEX),
+                              ignore_index=IGNORE_INDEX, reduction="sum")
+        nll = nll - (self.log_q[safe] * counted).sum()
+        return nll / counted.sum().clamp(min=1)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -93,8 +152,11 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
         ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if cfg.vocab_head:
+            self.lm_head = CompactHead(cfg, self.transformer.wte)
+        else:
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2 paper §2.3: scale residual projections by 1/sqrt(N), N = 2 residual adds per block.
         for name, p in self.named_parameters():
@@ -115,7 +177,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy over
-        targets that are not IGNORE_INDEX. With a kv_cache, idx continues the cached sequence."""
+        targets that are not IGNORE_INDEX (logits are then None for a compact head, which never builds
+        them). With a kv_cache, idx continues the cached sequence."""
         B, T = idx.shape
         start = kv_cache.position if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -124,9 +187,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        x = self.transformer.ln_f(x)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
-        return logits, loss
+            return self.lm_head(x), None  # (B, T, V)
+        if isinstance(self.lm_head, CompactHead):
+            return None, self.lm_head.loss(x, targets)
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(_at_least_float32(logits).view(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=IGNORE_INDEX)

@@ -226,6 +226,12 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     raw_model = (init_model or GPT(cfg.model)).to(device).train()
+    if cfg.model.vocab_head and init_model is None and resume_from is None:
+        counts = data.token_counts(data.open_split(t.data, "train"), cfg.model.vocab_size)
+        raw_model.lm_head.set_frequencies(torch.from_numpy(counts).to(device))
+        print(f"compact head: the {cfg.model.vocab_head:,} most frequent ids cover "
+              f"{counts[raw_model.lm_head.head_ids.cpu().numpy()].sum() / counts.sum():.2%} of the training tokens",
+              file=sys.stderr)
     optimizer = build_optimizer(raw_model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = TrainState()
