@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -50,7 +51,9 @@ class TrainState:
     stopped_by: int = 0                # the signal that stopped this process, 0 if none (not saved)
 
     def state_dict(self) -> dict[str, Any]:
-        self.rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        self.rng = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+                    "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         return {k: v for k, v in asdict(self).items() if k != "stopped_by"}
 
@@ -58,6 +61,8 @@ class TrainState:
         for key, value in state.items():
             setattr(self, key, value)
         random.setstate(_as_tuple(self.rng["python"]))
+        name, keys, pos, has_gauss, gauss = self.rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(self.rng["torch"])
         if self.rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self.rng["cuda"])
@@ -225,6 +230,7 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     keep_freed_memory()
     torch.manual_seed(t.seed)
     random.seed(t.seed)
+    np.random.seed(t.seed)
     raw_model = (init_model or GPT(cfg.model)).to(device).train()
     if cfg.model.vocab_head and init_model is None and resume_from is None:
         counts = data.token_counts(data.open_split(t.data, "train"), cfg.model.vocab_size)
