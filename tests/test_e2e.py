@@ -14,8 +14,8 @@ def test_prepare_train_generate_eval_on_the_real_tinystories_sample(shared_sampl
     meta = json.loads((data / "meta.json").read_text())
     assert meta["splits"]["train"]["tokens"] > 1_000_000 and meta["splits"]["validation"]["documents"] > 100
 
-    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "80",
-                 "--eval-interval", "40", "--batch-size", "16", "--micro-batch-size", "8", "--device", "cpu"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "50",
+                 "--eval-interval", "25", "--batch-size", "8", "--micro-batch-size", "8", "--device", "cpu"]) == 0
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first_loss = next(r["loss"] for r in evals if "loss" in r)
     val = [r["val_loss"] for r in evals if "val_loss" in r]
