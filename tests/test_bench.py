@@ -49,3 +49,11 @@ def test_zero_steps_is_a_one_line_error(capsys):
     assert main(["bench", "--preset", "tiny", "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slm: error: --steps") and err.count("\n") == 1
+
+
+def test_bench_generate_measures_generation_alone(capsys):
+    assert main(["bench", "generate", "--preset", "tiny", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    for name in FIGURES[2:]:
+        assert name in table
+    assert "prepare:" not in table and "train:" not in table

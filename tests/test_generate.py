@@ -5,11 +5,14 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
 from slm.config import ModelConfig
 from slm.errors import SlmError
-from slm.generate import KVCache, check_sampling, generate, prompt_ids, sample_next
+from slm.generate import (KVCache, SamplingSettings, StopText, complete, decode, draw, generate,
+                          penalize_repetition, prompt_ids, sample_next, stream, top_k_filter, top_p_filter)
 from slm.model import GPT
-from slm.tokenizer import get_tokenizer
+from slm.tokenizer import EOT_ID, get_tokenizer
 
 CFG = ModelConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=32)
+GPT2_CFG = ModelConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32)
+GREEDY = SamplingSettings(temperature=0, max_new_tokens=15)
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def test_greedy_decoding_with_the_cache_equals_full_recompute(model):
 def test_cached_logits_match_full_forward_within_1e_5(model):
     ids = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(2))
     full, _ = model(ids)
-    cache = KVCache(model, 2, torch.device("cpu"), torch.float32)
+    cache = KVCache(model, pad=[0, 0])
     prefill, _ = model(ids[:, :8], kv_cache=cache)
     cache.advance(8)
     steps = [prefill]
@@ -47,7 +50,7 @@ def test_generation_past_the_context_window_slides_and_keeps_going(model):
 def test_top_k_keeps_exactly_k_ids_even_when_logits_tie():
     logits = torch.zeros(1, 50)  # every id ties
     g = torch.Generator().manual_seed(0)
-    seen = {sample_next(logits, 1.0, top_k=3, generator=g).item() for _ in range(300)}
+    seen = {sample_next(logits, SamplingSettings(top_k=3), g).item() for _ in range(300)}
     assert len(seen) == 3
 
 
@@ -56,13 +59,13 @@ def test_top_k_never_samples_outside_the_k_most_likely_ids():
     allowed = logits.topk(5, dim=-1).indices
     g = torch.Generator().manual_seed(1)
     for _ in range(200):
-        ids = sample_next(logits, 2.0, top_k=5, generator=g)
+        ids = sample_next(logits, SamplingSettings(temperature=2.0, top_k=5), g)
         assert all(ids[b] in allowed[b] for b in range(4))
 
 
 def test_temperature_zero_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, 0.0, 0.0]])
-    assert sample_next(logits, 0.0).tolist() == [1, 0]
+    assert sample_next(logits, SamplingSettings(temperature=0)).tolist() == [1, 0]
 
 
 def test_the_same_seed_gives_the_same_text_twice_in_one_process(tiny_run, capsys):
@@ -80,12 +83,20 @@ def test_the_same_seed_gives_the_same_text_twice_in_one_process(tiny_run, capsys
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top-k", "0"], "--top-k must be between 1 and 50257"),
     (["--top-k", "50258"], "--top-k must be between 1 and 50257"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--repetition-penalty", "-1.2"], "--repetition-penalty must be > 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be between"),
+    (["--max-new-tokens", "100001"], "--max-new-tokens must be between"),
+    (["--stop", ""], "--stop must not be empty"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
 ])
 def test_bad_sampling_settings_are_one_line_errors(tiny_run, capsys, argv, message):
     assert main(["generate", str(tiny_run)] + argv) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == ""  # checked before anything is written
     assert err.startswith("slm: error: ") and message in err and err.count("\n") == 1
 
 
@@ -101,8 +112,210 @@ def test_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_check_sampling_accepts_valid_settings():
-    check_sampling(0.0, None, 1, 50257)
-    check_sampling(1.5, 50257, 100, 50257)
-    with pytest.raises(SlmError):
-        check_sampling(1.0, 10, 100_001, 50257)
+def test_sampling_settings_accept_the_edges_of_every_range():
+    SamplingSettings(temperature=0.0, top_k=None, top_p=1.0, max_new_tokens=1).check(50257)
+    SamplingSettings(temperature=1.5, top_k=50257, top_p=1e-9, repetition_penalty=1e-3, max_new_tokens=100_000,
+                     stop=("\n", "The end.")).check(50257)
+    with pytest.raises(SlmError, match="--max-new-tokens"):
+        SamplingSettings(max_new_tokens=100_001).check(50257)
+
+
+# ---- batches of prompts of different lengths ------------------------------------------------------------------
+
+PROMPTS = [[5, 17], [3, 99, 42, 7, 0], [11, 12, 13, 14, 15, 16, 17, 18, 19]]  # lengths 2, 5, 9
+
+
+def test_a_left_padded_batch_decodes_each_row_as_its_prompt_alone_without_cache(model):
+    batch = torch.stack(list(decode(model, PROMPTS, GREEDY)), dim=1)  # (3, 15)
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(model, torch.tensor([prompt]), 15, temperature=0, use_cache=False)[0, len(prompt):]
+        assert batch[row].tolist() == alone.tolist()
+
+
+def test_a_left_padded_batch_gives_each_row_its_own_logits_within_1e_5(model):
+    width = max(map(len, PROMPTS))
+    pad = [width - len(p) for p in PROMPTS]
+    cache = KVCache(model, pad)
+    new = torch.tensor([[0] * n + p for n, p in zip(pad, PROMPTS)])
+    contexts = [list(p) for p in PROMPTS]
+    for _ in range(6):  # the prefill, then one id at a time
+        logits, _ = model(new, kv_cache=cache)
+        cache.advance(new.size(1))
+        for row, context in enumerate(contexts):
+            alone, _ = model(torch.tensor([context]))
+            torch.testing.assert_close(logits[row, -1], alone[0, -1], atol=1e-5, rtol=0)
+        new = logits[:, -1].argmax(dim=-1, keepdim=True)
+        for context, next_id in zip(contexts, new[:, 0].tolist()):
+            context.append(next_id)
+
+
+def test_a_padded_batch_slides_its_window_and_keeps_going(model):
+    steps = list(decode(model, PROMPTS, SamplingSettings(temperature=0, max_new_tokens=3 * CFG.block_size)))
+    assert len(steps) == 3 * CFG.block_size and all(ids.shape == (3,) for ids in steps)
+
+
+def test_full_recompute_refuses_prompts_of_different_lengths_and_empty_prompts_are_errors(model):
+    with pytest.raises(ValueError, match="one length"):
+        decode(model, PROMPTS, GREEDY, use_cache=False)
+    with pytest.raises(SlmError, match="at least one token"):
+        decode(model, [[1], []], GREEDY)
+
+
+# ---- sampling filters on hand-made logits ---------------------------------------------------------------------
+
+def kept(logits: torch.Tensor) -> list[set[int]]:
+    return [set(torch.nonzero(torch.isfinite(row)).flatten().tolist()) for row in logits]
+
+
+def test_top_p_keeps_the_smallest_set_of_most_likely_ids_that_reaches_p():
+    logits = torch.tensor([[0.1, 0.6, 0.05, 0.25]]).log()  # most likely first: 1, 3, 0, 2
+    assert kept(top_p_filter(logits, 0.5)) == [{1}]
+    assert kept(top_p_filter(logits, 0.8)) == [{1, 3}]
+    assert kept(top_p_filter(logits, 0.9)) == [{1, 3, 0}]
+    assert kept(top_p_filter(logits, 0.01)) == [{1}]  # always at least the most likely id
+    out = top_p_filter(logits, 0.9)
+    assert torch.equal(out[0, [1, 3, 0]], logits[0, [1, 3, 0]])  # the kept logits are unchanged
+
+
+def test_top_p_of_one_keeps_every_id_even_a_very_unlikely_one():
+    logits = torch.tensor([[30.0, 0.0, -30.0]])
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_top_p_keeps_exactly_the_needed_number_of_tied_ids_row_by_row():
+    logits = torch.stack([torch.zeros(4), torch.tensor([0.7, 0.1, 0.1, 0.1]).log()])
+    assert [len(ids) for ids in kept(top_p_filter(logits, 0.5))] == [2, 1]
+    assert [len(ids) for ids in kept(top_p_filter(logits, 0.6))] == [3, 1]
+
+
+def test_top_k_filter_keeps_exactly_k_ids_with_their_logits():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])
+    out = top_k_filter(logits, 2)
+    assert len(kept(out)[0]) == 2 and kept(out)[0] <= {1, 2, 3}
+    assert torch.equal(out[torch.isfinite(out)], torch.tensor([3.0, 3.0]))
+
+
+def test_sample_next_applies_top_k_before_top_p():
+    # top-k 3 leaves 0.4, 0.3, 0.2 -> renormalized 0.44, 0.33, 0.22; top-p 0.7 then keeps ids 0 and 1.
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    g = torch.Generator().manual_seed(0)
+    settings = SamplingSettings(top_k=3, top_p=0.7)
+    assert {sample_next(logits, settings, g).item() for _ in range(200)} == {0, 1}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_ids():
+    logits = torch.tensor([[2.0, -2.0, 0.5, -0.5, 0.0]])
+    seen = torch.tensor([[True, True, False, False, True]])
+    assert penalize_repetition(logits, seen, 2.0).tolist() == [[1.0, -4.0, 0.5, -0.5, 0.0]]
+    assert penalize_repetition(logits, seen, 0.5).tolist() == [[4.0, -1.0, 0.5, -0.5, 0.0]]  # below 1 favours them
+
+
+def test_the_repetition_penalty_covers_the_prompt_and_every_generated_id(model):
+    settings = SamplingSettings(temperature=0, repetition_penalty=3.0, max_new_tokens=12)
+    fast = torch.stack(list(decode(model, PROMPTS, settings)), dim=1)
+    for row, prompt in enumerate(PROMPTS):  # the obvious loop: recompute, penalize what the context holds
+        context = list(prompt)
+        for _ in range(12):
+            logits, _ = model(torch.tensor([context]))
+            seen = torch.zeros(1, CFG.vocab_size, dtype=torch.bool)
+            seen[0, context] = True
+            context.append(penalize_repetition(logits[:, -1], seen, 3.0).argmax().item())
+        assert fast[row].tolist() == context[len(prompt):]
+
+
+# ---- text: stop strings, finish reasons, seeds ----------------------------------------------------------------
+
+def test_a_stop_string_split_across_pieces_is_held_back_and_never_shown():
+    text = StopText(("upon",))
+    assert text.add("Once up") == ("Once ", False)  # "up" could begin "upon": held
+    assert text.add("on a ti") == ("", True)
+    text = StopText(("upon", "me."))
+    assert text.add("Once up") == ("Once ", False)
+    assert text.add("side m") == ("upside ", False)  # "up" was not the start of "upon" after all
+    assert text.add("e") == ("", False)
+    assert text.add("", final=True) == ("me", False)  # the end releases what was held
+
+
+@pytest.fixture
+def gpt2_model():
+    torch.manual_seed(0)
+    return GPT(GPT2_CFG).eval()
+
+
+def boundary_stop(tok, ids: list[int]) -> tuple[str, int]:
+    """A stop string made of the end of one id's text and the start of the next, whose first occurrence in
+    the text is that one; and how many ids it takes to complete it."""
+    text = ""
+    for n in range(1, len(ids)):
+        left, right = tok.decode(ids[n - 1:n]), tok.decode(ids[n:n + 1])
+        text += left
+        if left.isascii() and right.isascii() and len(left.strip()) > 1 and len(right.strip()) > 1:
+            stop = left[-2:] + right[:2]
+            if (text + right).find(stop) == len(text) - 2:
+                return stop, n + 1
+    raise AssertionError("no id boundary to split a stop string across")
+
+
+def test_a_stop_string_split_across_two_ids_ends_only_its_row_and_is_left_out(gpt2_model):
+    tok = get_tokenizer()
+    prompts = [tok.encode("Once upon a time"), tok.encode("The dog")]
+    settings = SamplingSettings(temperature=0, max_new_tokens=20)
+    full = complete(gpt2_model, tok, prompts, settings)
+    ids = [i.item() for i in torch.stack(list(decode(gpt2_model, prompts, settings)), dim=1)[0]]
+    stop, needed = boundary_stop(tok, ids)
+    assert stop not in full[1].text
+    stopped = complete(gpt2_model, tok, prompts, SamplingSettings(temperature=0, max_new_tokens=20, stop=(stop,)))
+    assert stopped[0].text == full[0].text[:full[0].text.find(stop)]
+    assert (stopped[0].finish_reason, stopped[0].tokens) == ("stop", needed)
+    assert stopped[1] == full[1] and full[1].finish_reason == "length" and full[1].tokens == 20
+
+
+def test_end_of_text_finishes_a_row_with_stop_and_is_not_part_of_its_text(gpt2_model):
+    direction = torch.ones(GPT2_CFG.n_embd)
+    with torch.no_grad():  # every final hidden state becomes `direction`, and EOT is the id most aligned with it
+        gpt2_model.transformer.ln_f.weight.zero_()
+        gpt2_model.transformer.ln_f.bias.copy_(direction)
+        gpt2_model.transformer.wte.weight[EOT_ID] = 10 * direction
+    deltas = list(stream(gpt2_model, get_tokenizer(), [[1, 2, 3], [4]], SamplingSettings(max_new_tokens=5)))
+    assert sorted((d.row, d.text, d.tokens, d.finish_reason) for d in deltas) == [(0, "", 1, "stop"),
+                                                                                   (1, "", 1, "stop")]
+
+
+def test_each_row_ends_with_exactly_one_finishing_delta(gpt2_model):
+    tok = get_tokenizer()
+    deltas = list(stream(gpt2_model, tok, [tok.encode("Hello"), tok.encode("A long time ago")],
+                         SamplingSettings(max_new_tokens=7), torch.Generator().manual_seed(0)))
+    for row in (0, 1):
+        mine = [d for d in deltas if d.row == row]
+        assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + ["length"]
+        assert mine[-1].tokens == 7 and all(d.text for d in mine[:-1])
+
+
+def test_the_same_seed_gives_the_same_texts_for_a_batch(gpt2_model):
+    tok = get_tokenizer()
+    prompts = [tok.encode("Once upon a time"), [EOT_ID], tok.encode("Tom and his dog went")]
+    settings = SamplingSettings(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.3, max_new_tokens=10)
+
+    def texts(seed: int) -> list[str]:
+        return [c.text for c in complete(gpt2_model, tok, prompts, settings, torch.Generator().manual_seed(seed))]
+
+    first = texts(3)
+    assert texts(3) == first and texts(4) != first
+
+
+def test_stop_on_the_command_line_ends_the_text_before_it(tiny_run, capsys):
+    argv = ["generate", str(tiny_run), "--prompt", "Tom had", "--max-new-tokens", "20", "--temperature", "0"]
+    assert main(argv) == 0
+    generated = capsys.readouterr().out.removeprefix("Tom had")
+    stop = generated[4:7]
+    assert main(argv + ["--stop", "no such text", "--stop", stop]) == 0
+    assert capsys.readouterr().out == "Tom had" + generated[:generated.find(stop)]
+
+
+def test_draw_follows_the_probabilities_and_never_picks_an_id_of_probability_zero():
+    g = torch.Generator().manual_seed(0)
+    ids = draw(torch.tensor([[0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]]).expand(20_000, 7), g)
+    share = torch.bincount(ids, minlength=7) / 20_000
+    assert share[[0, 2, 6]].tolist() == [0, 0, 0]
+    torch.testing.assert_close(share[[1, 3, 4, 5]], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015, rtol=0)
+    assert draw(torch.tensor([[0.0, 0.0, 1.0]]).expand(1000, 3), g).unique().tolist() == [2]

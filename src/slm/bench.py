@@ -2,7 +2,8 @@
 
 Figures: prepare tokens/s (prepare's own parallel tokenizer on a few MB of the demo corpus), training
 tokens/s (the preset's model and batch through train.py's steps on synthetic tokens, warm-up excluded),
-generation tokens/s with the KV cache and with full recompute at batch 1 and 8, and peak memory. The
+generation tokens/s with the KV cache and with full recompute at batch 1 and 8 (through generate.py's
+engine), and peak memory; `slm bench generate` (or prepare, train) measures one stage alone. The
 numbers are printed and, with --save, recorded with the machine; tests check that they appear, never
 how large they are.
 """
@@ -27,7 +28,7 @@ from slm.checkpoint import write_text_atomic
 from slm.config import Config, resolve
 from slm.device import keep_freed_memory, pick_device, pick_dtype
 from slm.errors import SlmError
-from slm.generate import generate_tokens, make_generator
+from slm.generate import SamplingSettings, decode, make_generator
 from slm.model import GPT
 from slm.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
 from slm.stories import demo_documents
@@ -113,12 +114,13 @@ def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
 
 def bench_generate(model: GPT, batch_size: int, new_tokens: int, use_cache: bool) -> float:
     """Generated tokens/s, summed over the batch, sampling as `slm generate` does by default."""
-    device = model.lm_head.weight.device
-    prompt = torch.full((batch_size, 1), EOT_ID, device=device)  # a new document, as with an empty prompt
+    device = model.transformer.wte.weight.device
+    prompts = [[EOT_ID]] * batch_size  # new documents, as with an empty prompt
     generator = make_generator(device, seed=0)
 
     def run(n: int) -> None:
-        deque(generate_tokens(model, prompt, n, temperature=0.8, generator=generator, use_cache=use_cache), maxlen=0)
+        settings = SamplingSettings(temperature=0.8, max_new_tokens=n)
+        deque(decode(model, prompts, settings, generator, use_cache), maxlen=0)
 
     run(2)  # warm-up
     synchronize(device)
@@ -138,37 +140,47 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return maxrss / (2**20 if sys.platform == "darwin" else 2**10), "process max RSS"  # bytes on macOS, KB on Linux
 
 
-def run_bench(preset: str, steps: int, device_name: str) -> dict[str, object]:
+def run_bench(preset: str, steps: int, device_name: str, what: str = "all") -> dict[str, object]:
+    """The figures of `what`: all, prepare, train or generate."""
     cfg = resolve(preset)
     device = pick_device(device_name)
     keep_freed_memory()
     dtype = pick_dtype(cfg.train.dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prepare = bench_prepare()  # first: its worker processes fork before torch has started any threads
-    model, train = bench_train(cfg, device, dtype, steps)
-    model.eval()
+    figures = {}
+    if what in ("all", "prepare"):  # first: its worker processes fork before torch has started any threads
+        figures["prepare_tokens_per_s"] = bench_prepare()
+    if what in ("all", "train"):
+        model, figures["train_tokens_per_s"] = bench_train(cfg, device, dtype, steps)
+    else:
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model).to(device)  # untrained: generation speed does not depend on the weights
     new_tokens = min(NEW_TOKENS, cfg.model.block_size - 1)
-    generate = {}
-    for method, use_cache in (("kv_cache", True), ("recompute", False)):
-        for batch in GENERATE_BATCHES:
-            generate[f"{method}_batch_{batch}"] = bench_generate(model, batch, new_tokens, use_cache)
+    if what in ("all", "generate"):
+        model.eval()
+        figures["generate_tokens_per_s"] = {
+            f"{method}_batch_{batch}": bench_generate(model, batch, new_tokens, use_cache)
+            for method, use_cache in (("kv_cache", True), ("recompute", False)) for batch in GENERATE_BATCHES}
     peak, peak_kind = peak_memory_mb(device)
-    return {"date": datetime.date.today().isoformat(), "preset": preset, "device": device.type,
+    return {"date": datetime.date.today().isoformat(), "preset": preset, "what": what, "device": device.type,
             "dtype": str(dtype).removeprefix("torch."), "machine": machine(device),
             "model": dataclasses.asdict(cfg.model), "parameters": model.num_parameters(),
             "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
-            "warmup_steps": WARMUP_STEPS, "timed_steps": steps, "new_tokens": new_tokens,
-            "prepare_tokens_per_s": prepare, "train_tokens_per_s": train, "generate_tokens_per_s": generate,
+            "warmup_steps": WARMUP_STEPS, "timed_steps": steps, "new_tokens": new_tokens, **figures,
             "peak_memory_mb": peak, "peak_memory_kind": peak_kind}
 
 
 def table(r: dict) -> str:
     m, model = r["machine"], r["model"]
     hardware = f"{m['cpu']} ({m['cores']} cores)" + (f", {m['gpu']}" if "gpu" in m else "")
-    rows = [("prepare: tokenize demo text, all cores", r["prepare_tokens_per_s"], "tokens/s"),
-            (f"train: {r['timed_steps']} steps after {r['warmup_steps']} warm-up", r["train_tokens_per_s"], "tokens/s")]
-    for name, rate in r["generate_tokens_per_s"].items():
+    rows = []
+    if "prepare_tokens_per_s" in r:
+        rows.append(("prepare: tokenize demo text, all cores", r["prepare_tokens_per_s"], "tokens/s"))
+    if "train_tokens_per_s" in r:
+        rows.append((f"train: {r['timed_steps']} steps after {r['warmup_steps']} warm-up", r["train_tokens_per_s"],
+                     "tokens/s"))
+    for name, rate in r.get("generate_tokens_per_s", {}).items():
         method, batch = name.rsplit("_batch_", 1)
         method = "KV cache" if method == "kv_cache" else method
         rows.append((f"generate {r['new_tokens']} tokens, {method}, batch {batch}", rate, "tokens/s"))
@@ -186,12 +198,13 @@ def table(r: dict) -> str:
 def main(args) -> int:
     if args.steps < 1:
         raise SlmError(f"--steps must be at least 1 (got {args.steps})")
-    results = run_bench(args.preset, args.steps, args.device)
+    results = run_bench(args.preset, args.steps, args.device, args.what)
     print(table(results))
     if args.save:
         folder = Path(args.results_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{results['date']}-{results['preset']}-{results['device']}.json"
+        only = "" if args.what == "all" else f"-{args.what}"
+        path = folder / f"{results['date']}-{results['preset']}-{results['device']}{only}.json"
         write_text_atomic(path, json.dumps(results, indent=2) + "\n")
         print(f"saved {path}", file=sys.stderr)
     return 0

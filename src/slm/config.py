@@ -239,11 +239,13 @@ def resolve(preset: str | None = None, toml_path: str | Path | None = None,
     return cfg
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = ("model", "train")) -> None:
-    """Every field of the chosen sections becomes a flag whose default is 'not given'."""
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = ("model", "train"),
+                     exclude: tuple[str, ...] = ()) -> None:
+    """Every field of the chosen sections, except those in `exclude`, becomes a flag whose default is
+    'not given'."""
     for section in sections:
         group = parser.add_argument_group(f"{section} config (defaults < --preset < --config < flags)")
-        for f in fields(SECTIONS[section]):
+        for f in (f for f in fields(SECTIONS[section]) if f.name not in exclude):
             kind = _field_type(f)
             flag = "--" + f.name.replace("_", "-")
             common = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,

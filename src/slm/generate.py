@@ -1,34 +1,75 @@
 """Sampling and decoding: the KV cache, sampling filters, streaming, and `slm generate`.
 
-`generate_tokens(..., use_cache=False)` recomputes the whole context every step: slow and obviously correct,
-it is the reference the cached path is tested against. When the context window fills, the window slides:
-the recompute path keeps the last block_size tokens; the cached path refills its cache with the last
-block_size // 2 tokens (absolute position embeddings cannot be shifted in place), so both agree exactly
-while everything fits in one window.
+One engine serves `slm generate`, the samples printed in training, chat and the server. `decode` runs a batch
+of prompts of any lengths: they are left-padded into one batch, and the KV cache masks the padding and counts
+each row's positions from its first real token, so a row gets the same ids as its prompt decoded alone.
+`stream` turns the ids into text, row by row, ending each row with a finish reason: "stop" (end-of-text or a
+stop string) or "length" (max_new_tokens reached).
+
+`decode(..., use_cache=False)` recomputes the whole context every step: slow and obviously correct, it is the
+reference the cached path is tested against. When the context window fills, the window slides: the
+recompute path keeps the last block_size tokens; the cached path refills its cache with the newest
+block_size // 2 slots (absolute position embeddings cannot be shifted in place), so both agree exactly
+while everything fits in one window. A batch slides together, when its longest row fills the window; a
+shorter row then keeps its newest block_size // 2 tokens too, or all of them if it has fewer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from slm.errors import SlmError
 from slm.model import GPT
+from slm.tokenizer import StreamDecoder, Tokenizer
 
 MAX_NEW_TOKENS = 100_000
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for one window: (n_layer, B, H, block_size, D)."""
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How each next id is picked and when a row ends. `check` is the one place they are validated."""
 
-    def __init__(self, model: GPT, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        cfg = model.config
-        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+    temperature: float = 1.0  # 0 is greedy; above 1 flattens the distribution, below 1 sharpens it
+    top_k: int | None = None  # sample among the k most likely ids only (exactly k, even with ties)
+    top_p: float = 1.0  # nucleus: the smallest set of most likely ids whose probability reaches top_p
+    repetition_penalty: float = 1.0  # CTRL: above 1, ids already in the prompt or the output get less likely
+    max_new_tokens: int = 200
+    stop: tuple[str, ...] = ()  # a row ends when its text contains one of these; its text ends before it
+
+    def check(self, vocab_size: int) -> None:
+        """Raise SlmError naming the flag of the first bad value. `not x >= 0` rather than `x < 0` refuses NaN."""
+        if not self.temperature >= 0:
+            raise SlmError(f"--temperature must be >= 0 (got {self.temperature}); use 0 for greedy decoding")
+        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+            raise SlmError(f"--top-k must be between 1 and {vocab_size} (got {self.top_k}); omit it to sample all ids")
+        if not 0 < self.top_p <= 1:
+            raise SlmError(f"--top-p must be in (0, 1] (got {self.top_p}); use 1 to keep every id")
+        if not self.repetition_penalty > 0:
+            raise SlmError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); use 1 for none")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise SlmError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS} (got {self.max_new_tokens})")
+        if "" in self.stop:
+            raise SlmError("--stop must not be empty: every text contains the empty string")
+
+
+class KVCache:
+    """Keys and values of every layer for one window, (n_layer, B, H, block_size, D), of a left-padded batch:
+    the first pad[b] slots of row b hold padding, which no real token ever attends to."""
+
+    def __init__(self, model: GPT, pad: list[int]) -> None:
+        cfg, wte = model.config, model.transformer.wte.weight
+        shape = (cfg.n_layer, len(pad), cfg.n_head, cfg.block_size, cfg.head_dim)
+        self.k = torch.empty(shape, device=wte.device, dtype=wte.dtype)
+        self.v = torch.empty(shape, device=wte.device, dtype=wte.dtype)
+        self.pad = torch.tensor(pad, device=wte.device)[:, None, None]  # (B, 1, 1)
+        self.padded = any(pad)  # known on the host, so picking the fast path never waits for the device
         self.position = 0
+        self._mask: torch.Tensor | None = None  # this step's, built by the first layer to ask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.position + k.size(2)
@@ -38,59 +79,223 @@ class KVCache:
 
     def advance(self, tokens: int) -> None:
         self.position += tokens
+        self._mask = None
+
+    def _slots(self, T: int) -> torch.Tensor:
+        return torch.arange(self.position, self.position + T, device=self.pad.device)  # (T,)
+
+    def positions(self, T: int) -> torch.Tensor:
+        return (self._slots(T) - self.pad[:, 0]).clamp(min=0)  # (B, T); padding says 0, and is never attended to
+
+    def attention_mask(self, T: int) -> torch.Tensor | None:
+        if self.position == 0 and not self.padded:
+            return None
+        if self._mask is None:  # every layer of a step asks for the same mask: build it once
+            self._mask = self._build_mask(T)
+        return self._mask
+
+    def _build_mask(self, T: int) -> torch.Tensor:
+        query = self._slots(T)[:, None]  # (T, 1)
+        key = torch.arange(self.position + T, device=self.pad.device)  # (L,)
+        # A padding slot attends to itself alone. With no key at all its softmax is 0/0: NaN in SDPA before
+        # PyTorch 2.5 and in some fused kernels (pytorch#103963), and a NaN value reaches real tokens in the
+        # next layer even where it is masked out (pytorch#101967).
+        mask = (key <= query) & ((key >= self.pad) | (key == query))  # (B, T, L)
+        return mask[:, None]  # (B, 1, T, L)
 
 
-def check_sampling(temperature: float, top_k: int | None, max_new_tokens: int, vocab_size: int) -> None:
-    if temperature < 0:
-        raise SlmError(f"--temperature must be >= 0 (got {temperature}); use 0 for greedy decoding")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise SlmError(f"--top-k must be between 1 and {vocab_size} (got {top_k}); omit it to sample all ids")
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise SlmError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new_tokens})")
+# ---- sampling filters: pure functions on logits (B, V), composed by sample_next --------------------------------
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019, §4.1) as Hugging Face applies it: the logit of every id
+    already seen (seen: (B, V) bool) is divided by the penalty when positive and multiplied by it when
+    negative, so that a penalty above 1 always makes the id less likely."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-k keeps exactly k ids even with ties."""
-    if temperature == 0:
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row, the rest -inf. Exactly k even when logits tie (torch.topk picks
+    among them); masking the logits below the k-th value would keep every tied id."""
+    top_logits, top_ids = torch.topk(logits, k, dim=-1)  # (B, k)
+    return torch.full_like(logits, float("-inf")).scatter(-1, top_ids, top_logits)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020, §3.1): keep the smallest set of most likely ids whose
+    probability reaches p, and at least the most likely one; the rest -inf. p = 1 keeps every id."""
+    if p >= 1:
+        return logits  # the rounding of a cumulative sum could otherwise drop the least likely ids
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely ids: exactly 0 for the first
+    kept = sorted_logits.masked_fill(before >= p, float("-inf"))
+    return torch.empty_like(logits).scatter(-1, order, kept)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of probs (B, V) -> (B,), by inverse transform sampling: a uniform number located in the
+    cumulative sum. torch.multinomial draws V random numbers per row instead, 40x slower over GPT-2's 50k ids
+    on a CPU. float64 keeps each id's share of the sum exact (float32 rounding would misplace ~3e-4 of the
+    probability); MPS has no float64."""
+    cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(dim=-1)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1): 1, up to rounding
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    u = u.masked_fill(u >= total, 0)  # rounding can lift u to the total, past the last id
+    # right=True: the first id whose cumulative sum exceeds u, so an id of probability 0 is never chosen.
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
+def sample_next(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None = None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). Hugging Face's order: the repetition penalty (given seen (B, V)), then
+    argmax for temperature 0, else temperature, top-k, top-p and a draw from what is left."""
+    if seen is not None:
+        logits = penalize_repetition(logits, seen, settings.repetition_penalty)
+    if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        top_logits, top_ids = torch.topk(logits, top_k, dim=-1)  # exactly k, whatever the ties
-        choice = torch.multinomial(torch.softmax(top_logits, dim=-1), 1, generator=generator)
-        return top_ids.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    logits = logits.float() / settings.temperature
+    if settings.top_k is not None:
+        logits = top_k_filter(logits, settings.top_k)
+    return draw(torch.softmax(top_p_filter(logits, settings.top_p), dim=-1), generator)
+
+
+# ---- decoding ---------------------------------------------------------------------------------------------------
+
+def keep_last(context: torch.Tensor, pad: list[int], width: int) -> tuple[torch.Tensor, list[int]]:
+    """The newest `width` columns of a left-padded batch (B, L), and the padding left in each row."""
+    cut = max(0, context.size(1) - width)
+    return context[:, cut:], [max(0, n - cut) for n in pad]
+
+
+def decode(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
+           generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next ids (B,) of every row, settings.max_new_tokens times, after prompts of any lengths; every
+    row runs to the end (stop strings and end-of-text are `stream`'s business). The settings and prompts are
+    checked on the call, before the first step is asked for. Full recompute takes prompts of one length."""
+    settings.check(model.config.vocab_size)
+    if not prompts or not all(prompts):
+        raise SlmError("every prompt needs at least one token; end-of-text alone starts a new document")
+    if not use_cache and len({len(p) for p in prompts}) > 1:
+        raise ValueError("full recompute has no padding mask: give it prompts of one length")
+    return _decode_steps(model, prompts, settings, generator, use_cache)
 
 
 @torch.no_grad()
-def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                    top_k: int | None = None, generator: torch.Generator | None = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next ids (B,) one step at a time after the prompt idx (B, T)."""
-    block_size = model.config.block_size
-    context = idx[:, -block_size:]
-    cache = None
-    next_input = context
-    for _ in range(max_new_tokens):
+def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
+                  generator: torch.Generator | None, use_cache: bool) -> Iterator[torch.Tensor]:
+    block_size, device = model.config.block_size, model.transformer.wte.weight.device
+    width = max(len(p) for p in prompts)
+    pad = [width - len(p) for p in prompts]
+    # Left padding puts every row's newest id in the last column; the pad id (0) is never attended to.
+    context = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)], device=device)  # (B, width)
+    context, pad = keep_last(context, pad, block_size)  # a prompt longer than the window keeps its end
+    rows = torch.arange(len(prompts), device=device)
+    seen = None  # (B, V): every id of the prompt and the output so far, for the repetition penalty
+    if settings.repetition_penalty != 1:
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompts):
+            seen[row, ids] = True
+    cache, new = None, context
+    for _ in range(settings.max_new_tokens):
         if use_cache:
             if cache is None or cache.position == block_size:
                 if cache is not None:  # the window is full: slide it, keeping the newest half
-                    next_input = context[:, -(block_size // 2):]
-                cache = KVCache(model, idx.size(0), idx.device, model.lm_head.weight.dtype)
-            logits, _ = model(next_input, kv_cache=cache)
-            cache.advance(next_input.size(1))
+                    context, pad = keep_last(context, pad, block_size // 2)
+                    new = context
+                cache = KVCache(model, pad)
+            logits, _ = model(new, kv_cache=cache)
+            cache.advance(new.size(1))
         else:
             logits, _ = model(context)
-        next_id = sample_next(logits[:, -1, :], temperature, top_k, generator)
+        next_id = sample_next(logits[:, -1], settings, generator, seen)  # (B,)
         yield next_id
-        context = torch.cat([context, next_id[:, None]], dim=1)[:, -block_size:]
-        next_input = next_id[:, None]
+        if seen is not None:
+            seen[rows, next_id] = True
+        context, pad = keep_last(torch.cat([context, next_id[:, None]], dim=1), pad, block_size)
+        new = next_id[:, None]
 
 
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-    """The prompt idx (B, T) followed by max_new_tokens generated ids: (B, T + max_new_tokens)."""
-    new = list(generate_tokens(model, idx, max_new_tokens, **kwargs))
-    return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+    """The prompts idx (B, T) followed by max_new_tokens ids each, end-of-text or not: (B, T + max_new_tokens)."""
+    settings = SamplingSettings(temperature, top_k, max_new_tokens=max_new_tokens)
+    new = list(decode(model, idx.tolist(), settings, generator, use_cache))
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+
+# ---- text -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of one row of a batch. A row's last delta has a finish_reason: "stop" (end-of-text or a stop
+    string) or "length" (max_new_tokens reached); every row gets exactly one such delta."""
+
+    row: int
+    text: str
+    tokens: int  # ids the row has generated so far, end-of-text and stop strings included
+    finish_reason: str | None = None
+
+
+class StopText:
+    """One row's text as it arrives in pieces. A tail that could be the start of a stop string is held back
+    until it cannot be, so no part of a stop string is ever shown, even one split across tokens."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop, self.text, self.shown = stop, "", 0
+
+    def add(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        """(the text now safe to show, whether a stop string was reached); `final` releases what is held."""
+        self.text += piece
+        # No stop string starts before `shown`: its beginning would have been held back.
+        hits = [i for s in self.stop if (i := self.text.find(s, self.shown)) >= 0]
+        if hits:
+            end = min(hits)
+        elif final:
+            end = len(self.text)
+        else:  # hold back the longest tail that begins a stop string
+            end = len(self.text) - max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])),
+                                       default=0)
+        shown, self.shown = self.text[self.shown:end], end
+        return shown, bool(hits)
+
+
+def stream(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,
+           generator: torch.Generator | None = None) -> Iterator[TextDelta]:
+    """Text deltas of every row as its ids arrive, until each row has finished. A row finishes at end-of-text
+    (not part of its text), at a stop string (nor is that) or after max_new_tokens ids. The settings and
+    prompts are checked on the call (SlmError), before anything is generated."""
+    return _deltas(decode(model, prompts, settings, generator), tokenizer, settings, len(prompts))
+
+
+def _deltas(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: SamplingSettings,
+            batch: int) -> Iterator[TextDelta]:
+    decoders = [StreamDecoder(tokenizer) for _ in range(batch)]  # a character split across ids waits
+    texts = [StopText(settings.stop) for _ in range(batch)]
+    live = set(range(batch))
+    for step, next_ids in enumerate(steps, start=1):
+        ids = next_ids.tolist()  # one wait for the device per step, not one per row
+        for row in sorted(live):
+            eot = ids[row] == tokenizer.eot_id
+            final = eot or step == settings.max_new_tokens
+            piece = "" if eot else decoders[row].add(ids[row])
+            text, stopped = texts[row].add(piece + (decoders[row].flush() if final else ""), final)
+            reason = "stop" if eot or stopped else "length" if final else None
+            if text or reason:
+                yield TextDelta(row, text, step, reason)
+            if reason:
+                live.discard(row)
+        if not live:
+            return  # until every row has finished, a finished row is still computed and its ids ignored
+
+
+def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,
+             generator: torch.Generator | None = None) -> list[TextDelta]:
+    """Each row's whole text, generated ids and finish reason: `stream`'s deltas added up."""
+    texts, last = [""] * len(prompts), {}
+    for delta in stream(model, tokenizer, prompts, settings, generator):
+        texts[delta.row] += delta.text
+        last[delta.row] = delta
+    return [dataclasses.replace(last[row], text=texts[row]) for row in range(len(prompts))]
 
 
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
@@ -102,21 +307,16 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
                 top_k: int | None = 200, seed: int | None = None) -> str:
-    """A one-shot sample as text (stops at end-of-text); used for the samples printed during training."""
-    device = model.lm_head.weight.device
+    """The prompt and a sample after it, ending at end-of-text; for the samples printed during training."""
+    settings = SamplingSettings(temperature, top_k, max_new_tokens=max_new_tokens)
     ids = prompt_ids(tokenizer, prompt, model.config.block_size)
-    out = []
-    for next_id in generate_tokens(model, torch.tensor([ids], device=device), max_new_tokens, temperature, top_k,
-                                   make_generator(device, seed)):
-        if next_id.item() == tokenizer.eot_id:
-            break
-        out.append(next_id.item())
-    return prompt + tokenizer.decode(out)
+    generator = make_generator(model.transformer.wte.weight.device, seed)
+    return prompt + complete(model, tokenizer, [ids], settings, generator)[0].text
 
 
-def prompt_ids(tokenizer, prompt: str, block_size: int) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
     """The prompt's ids, or end-of-text alone to start a new document. A prompt longer than the
     context keeps its last block_size - 1 tokens, with a warning on stderr."""
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
@@ -130,27 +330,25 @@ def prompt_ids(tokenizer, prompt: str, block_size: int) -> list[int]:
 def main(args) -> int:
     from slm.checkpoint import checkpoint_dir, load_model
     from slm.device import pick_device
-    from slm.tokenizer import StreamDecoder, get_tokenizer
+    from slm.tokenizer import get_tokenizer
 
     device = pick_device(args.device)
     model, cfg, _ = load_model(checkpoint_dir(args.run, args.checkpoint), device)
     tokenizer = get_tokenizer()
-    check_sampling(args.temperature, args.top_k, args.max_new_tokens, cfg.model.vocab_size)
     if args.num_samples < 1:
         raise SlmError(f"--num-samples must be at least 1 (got {args.num_samples})")
-    ids = torch.tensor([prompt_ids(tokenizer, args.prompt, cfg.model.block_size)], device=device)
+    settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                                args.max_new_tokens, tuple(args.stop))
+    ids = prompt_ids(tokenizer, args.prompt, cfg.model.block_size)
     generator = make_generator(device, args.seed)
     for sample in range(args.num_samples):
+        deltas = stream(model, tokenizer, [ids], settings, generator)  # checks the settings before any output
         if sample:
             sys.stdout.write("\n<|endoftext|>\n")
         sys.stdout.write(args.prompt)
-        decoder = StreamDecoder(tokenizer)
-        for next_id in generate_tokens(model, ids, args.max_new_tokens, args.temperature, args.top_k, generator):
-            if next_id.item() == tokenizer.eot_id:
-                break
-            sys.stdout.write(decoder.add(next_id.item()))
+        for delta in deltas:
+            sys.stdout.write(delta.text)
             sys.stdout.flush()
-        sys.stdout.write(decoder.flush())
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     sys.stdout.flush()

@@ -22,10 +22,19 @@ IGNORE_INDEX = -100  # target id that contributes no loss (PyTorch's and Hugging
 class KVCache(Protocol):
     """What attention needs from a key/value cache; generate.py owns the implementation."""
 
-    position: int  # tokens already cached, i.e. the position of the first new token
+    position: int  # slots already cached (padding included), i.e. the slot of the first new token
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's (B, H, T, D) keys and values; return all cached ones (B, H, L, D)."""
+        ...
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Position ids (B, T) of the T new tokens: each row counts from its own first real token."""
+        ...
+
+    def attention_mask(self, T: int) -> torch.Tensor | None:
+        """(B, 1, T, L) bool, True where a new token may attend, L = position + T; None when plain causal
+        attention over the T new tokens is right (nothing cached, no padding)."""
         ...
 
 
@@ -43,13 +52,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if kv_cache is None or kv_cache.position == 0:
-            mask = None  # plain causal attention over the T new tokens
-        else:
-            # New token i sits at absolute position past + i and may see every cached position up to it.
-            past = kv_cache.position
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        mask = None  # plain causal attention over the T new tokens
         if kv_cache is not None:
+            mask = kv_cache.attention_mask(T)  # (B, 1, T, L): the cache knows what was cached and padded
             k, v = kv_cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -183,7 +188,10 @@ class GPT(nn.Module):
         start = kv_cache.position if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        if kv_cache is None:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        else:
+            pos = kv_cache.positions(T)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)

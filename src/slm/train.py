@@ -331,7 +331,7 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
             elif stop.received is not None:
                 save_last()
     if stop.received is not None:
-        command = " ".join(shlex.quote(arg) for arg in ["slm", *sys.argv[1:]])
+        command = " ".join(shlex.quote(arg) for arg in ["slm", *sys.argv[1:]] if arg != "--force")
         print(f"slm: stopped by {signal.Signals(stop.received).name} at step {state.step}; the checkpoint is in "
               f"{run_dir / 'last'}. Resume with: {command}" + ("" if "--resume" in sys.argv else " --resume"),
               file=sys.stderr)

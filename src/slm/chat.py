@@ -1,0 +1,343 @@
+"""The chat template, chat data, supervised fine-tuning batches, and `slm chat`.
+
+One template, used by fine-tuning, `slm chat`, `slm serve` and the Hugging Face export:
+
+    <|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{answer}<|endoftext|><|user|>\\n...
+
+Role markers are plain text, not new special tokens. "<|user|>\\n" is six ordinary GPT-2 tokens
+(`<`, `|`, `user`, `|`, `>`, newline), so the vocabulary stays at GPT-2's 50,257 ids: the model, the
+Hugging Face and GGUF exports and every tool that knows GPT-2 need no change, and a base model can be
+prompted with the template at once. Special tokens would save a few tokens per turn but need new embedding
+rows, which a fine-tune on little data learns poorly, and a custom tokenizer on export. The `<|role|>` shape
+is Zephyr's, so it is unlikely in ordinary text and easy for a reader to spot. An assistant turn ends with
+GPT-2's end-of-text id (50256), the token a base model already emits at the end of each document, so
+"stop at end-of-text" is the end of a turn; other turns end with a newline before the next marker.
+
+Leading and trailing whitespace of a message is not part of the template (the Jinja twin applies `trim`).
+`render` tokenizes pieces separately, to know which tokens are the assistant's: the template text up to an
+assistant's content, the content, and the end-of-text id. A stripped content starts and ends with a
+non-space character, so every boundary falls on a GPT-2 pre-tokenizer boundary and the ids equal those of
+the whole text tokenized at once, as Hugging Face's `apply_chat_template` does. slm encodes message text as
+ordinary text: a literal "<|endoftext|>" inside a message stays text here, while Hugging Face would read
+it as the special id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from slm.checkpoint import checkpoint_dir, load_model
+from slm.config import Config
+from slm.device import pick_device
+from slm.errors import SlmError
+from slm.generate import SamplingSettings, make_generator, stream
+from slm.model import GPT, IGNORE_INDEX
+from slm.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
+
+ROLES = ("system", "user", "assistant")
+MARKERS = {role: f"<|{role}|>\n" for role in ROLES}
+# The same template for Hugging Face's tokenizer_config.json "chat_template"; tests check that both agree.
+CHAT_TEMPLATE_JINJA = (
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + (message['content'] | trim) -}}"
+    "{%- if message['role'] == 'assistant' -%}{{- '<|endoftext|>' -}}{%- else -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
+Message = dict[str, str]  # {"role": one of ROLES, "content": text}
+
+
+# ---- the template -----------------------------------------------------------------------------------
+
+def render_text(messages: list[Message], add_generation_prompt: bool = False) -> str:
+    """The conversation as text; with add_generation_prompt it ends with the assistant marker."""
+    text = "".join(MARKERS[m["role"]] + m["content"].strip() + (EOT_TOKEN if m["role"] == "assistant" else "\n")
+                   for m in messages)
+    return text + (MARKERS["assistant"] if add_generation_prompt else "")
+
+
+def render(messages: list[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """(ids, mask) of render_text's text: mask is True on the tokens the model must learn to produce, each
+    assistant message's content and the end-of-text id that closes it; False on the markers and on the
+    system and user messages."""
+    tokenizer = get_tokenizer()
+    ids: list[int] = []
+    mask: list[bool] = []
+
+    def add(piece: list[int], learn: bool) -> None:
+        ids.extend(piece)
+        mask.extend([learn] * len(piece))
+
+    # Markers and system and user messages up to an assistant's content make one piece: an empty message
+    # would otherwise end a piece in whitespace ("\n\n"), which GPT-2 splits differently when "<" follows.
+    pending = ""
+    for m in messages:
+        if m["role"] == "assistant":
+            add(tokenizer.encode(pending + MARKERS["assistant"]), False)
+            add(tokenizer.encode(m["content"].strip()) + [EOT_ID], True)
+            pending = ""
+        else:
+            pending += MARKERS[m["role"]] + m["content"].strip() + "\n"
+    add(tokenizer.encode(pending + (MARKERS["assistant"] if add_generation_prompt else "")), False)
+    return ids, mask
+
+
+def prompt_ids(messages: list[Message]) -> list[int]:
+    """The ids to generate the next assistant message from: the conversation, then the assistant marker."""
+    return render(messages, add_generation_prompt=True)[0]
+
+
+def fit_context(messages: list[Message], max_tokens: int) -> list[Message]:
+    """Drop the oldest turns, never the system message nor the newest message, until the prompt fits in
+    max_tokens. A newest message that alone is too long is kept; generation then sees its last tokens."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    while len(rest) > 1 and len(prompt_ids(system + rest)) > max_tokens:
+        rest = rest[1:]
+        while len(rest) > 1 and rest[0]["role"] != "user":  # whole turns: a history starts with a question
+            rest = rest[1:]
+    return system + rest
+
+
+# ---- reading conversations --------------------------------------------------------------------------
+
+def check_messages(messages: Any, where: str) -> list[Message]:
+    """A list of {"role", "content"} dicts with a known role and text content, a system message only first."""
+    if not isinstance(messages, list) or not messages:
+        raise SlmError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for number, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise SlmError(f"{where}: message {number} has role {role!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise SlmError(f"{where}: message {number} ({m['role']}) has no text \"content\"")
+        if m["role"] == "system" and number > 1:
+            raise SlmError(f"{where}: message {number} is a system message; only the first message may be one")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def row_messages(row: Any, where: str) -> list[Message]:
+    """The messages of one data row: {"messages": [...]}, or Alpaca's {"instruction", "input", "output"}
+    (a non-empty input follows the instruction after a blank line, as in Alpaca's own prompt)."""
+    if isinstance(row, dict) and "messages" in row:
+        messages = check_messages(row["messages"], where)
+    elif isinstance(row, dict) and "instruction" in row and "output" in row:
+        fields = {key: row.get(key) or "" for key in ("instruction", "input", "output")}
+        for key, value in fields.items():
+            if not isinstance(value, str):
+                raise SlmError(f"{where}: Alpaca field {key!r} holds a {type(value).__name__}, not text")
+        question = fields["instruction"].strip() + (f"\n\n{fields['input'].strip()}" if fields["input"].strip() else "")
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": fields["output"]}]
+    else:
+        raise SlmError(f"{where}: expected {{\"messages\": [...]}} or Alpaca's {{\"instruction\", \"output\"}}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise SlmError(f"{where}: no assistant message with content, so nothing to learn from")
+    return messages
+
+
+def read_conversations(path: str | Path) -> list[list[Message]]:
+    """Every conversation of a JSONL file of chat or Alpaca rows (blank lines skipped)."""
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        raise SlmError(f"cannot read {path}: chat data is a .jsonl file, one conversation per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise SlmError(f"chat data file {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise SlmError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    conversations = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SlmError(f"{path} line {number} is not JSON ({err.msg}); write one JSON object per line") from None
+        conversations.append(row_messages(row, f"{path} line {number}"))
+    if not conversations:
+        raise SlmError(f"{path} holds no conversations")
+    return conversations
+
+
+# ---- supervised fine-tuning batches -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SftData:
+    """Conversations rendered and packed into one stream, and the windows training reads from it."""
+
+    ids: np.ndarray     # (N,) every conversation's ids, one after another
+    mask: np.ndarray    # (N,) True where the token is one the model must learn to produce
+    # (W,) window offsets: each conversation tiled every block_size tokens from its start, keeping the tiles
+    # whose targets include some of that conversation's own assistant tokens
+    starts: np.ndarray
+
+
+def pack(conversations: list[list[Message]], block_size: int) -> SftData:
+    rendered = [render(messages) for messages in conversations]
+    ids = np.array([i for r in rendered for i in r[0]], dtype=np.int64)
+    mask = np.array([m for r in rendered for m in r[1]], dtype=bool)
+    learned = np.concatenate([[0], np.cumsum(mask)])  # learned[b] - learned[a]: assistant tokens in [a, b)
+    starts, offset = [], 0
+    for conversation_ids, _ in rendered:
+        end = offset + len(conversation_ids)
+        # The tile at s predicts tokens s+1 .. s+block_size; tiling every block_size predicts each once.
+        starts += [s for s in range(offset, end - 1, block_size)
+                   if learned[min(s + block_size + 1, end)] > learned[s + 1]]
+        offset = end
+    return SftData(ids, mask, np.array(starts, dtype=np.int64))
+
+
+def masked_windows(data: SftData, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs (B, block_size) = window[:-1] and targets = window[1:], IGNORE_INDEX wherever the target is
+    not an assistant token. A window runs on into the next conversations (packing); at the end of the
+    stream it wraps to the start, where a conversation begins too."""
+    offsets = starts[:, None] + np.arange(block_size + 1)  # (B, block_size + 1)
+    ids = np.take(data.ids, offsets, mode="wrap")
+    learn = np.take(data.mask, offsets, mode="wrap")
+    return ids[:, :-1], np.where(learn[:, 1:], ids[:, 1:], IGNORE_INDEX)
+
+
+def _to_device(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.from_numpy(a).to(device) for a in arrays)
+
+
+class SftBatches:
+    """Windows of the packed conversations for train.train; like pretraining's, step s's global batch is a
+    pure function of (seed, step), so a run is reproducible and needs no sampler state."""
+
+    def __init__(self, data: SftData, cfg: Config, device: torch.device) -> None:
+        self.data, self.cfg, self.device = data, cfg, device
+
+    def __call__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        t, block_size = self.cfg.train, self.cfg.model.block_size
+        rng = np.random.default_rng((t.seed, step))
+        starts = self.data.starts[rng.integers(0, len(self.data.starts), size=t.batch_size)]
+        return [_to_device(masked_windows(self.data, starts[i:i + t.micro_batch_size], block_size), self.device)
+                for i in range(0, t.batch_size, t.micro_batch_size)]
+
+
+def validation_batches(data: SftData, cfg: Config, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed windows every evaluation scores: the first eval_batches micro-batches of windows."""
+    t, block_size = cfg.train, cfg.model.block_size
+    starts = data.starts[:t.eval_batches * t.micro_batch_size]
+    return [_to_device(masked_windows(data, starts[i:i + t.micro_batch_size], block_size), device)
+            for i in range(0, len(starts), t.micro_batch_size)]
+
+
+# ---- answering --------------------------------------------------------------------------------------
+
+class ChatSession:
+    """A conversation with a model: the history, the sampling settings, and streamed answers."""
+
+    def __init__(self, model: GPT, system: str | None, settings: SamplingSettings,
+                 generator: torch.Generator | None = None) -> None:
+        self.model, self.system, self.settings, self.generator = model, system, settings, generator
+        self.messages: list[Message] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def answer(self, messages: list[Message]) -> Iterator[str]:
+        """Stream the text of the next assistant message, which ends at end-of-text. The prompt leaves room
+        for an answer of up to half the context; a longer one slides the window over its own beginning."""
+        block_size = self.model.config.block_size
+        fitted = fit_context(messages, block_size - min(self.settings.max_new_tokens, block_size // 2))
+        for delta in stream(self.model, get_tokenizer(), [prompt_ids(fitted)], self.settings, self.generator):
+            yield delta.text
+
+    def say(self, text: str) -> Iterator[str]:
+        """Add a user message, stream the answer, and keep both in the history."""
+        self.messages.append({"role": "user", "content": text})
+        pieces = []
+        for piece in self.answer(self.messages):
+            pieces.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+HELP = "commands: /reset (forget the conversation), /temperature X (0 = greedy), /exit (or Ctrl-D)"
+
+
+def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO) -> None:
+    """The interactive chat: each line is a message to answer, or a command."""
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        command, _, value = line.partition(" ")
+        if command == "/exit":
+            return
+        if command == "/reset":
+            session.reset()
+            print("(the conversation is cleared)", file=out)
+        elif command == "/temperature":
+            try:
+                settings = dataclasses.replace(session.settings, temperature=float(value))
+                settings.check(session.model.config.vocab_size)
+            except (ValueError, SlmError) as err:
+                print(f"(/temperature needs a number >= 0: {err})", file=out)
+                continue
+            session.settings = settings
+            print(f"(temperature {settings.temperature:g})", file=out)
+        elif command.startswith("/"):
+            print(f"(unknown command {command}; {HELP})", file=out)
+        else:
+            for piece in session.say(line):
+                out.write(piece)
+                out.flush()
+            out.write("\n\n")
+
+
+def answer_lines(session: ChatSession, lines: Iterable[str], out: TextIO) -> None:
+    """Scripted use: each input line is one conversation, a user message or a JSON list of messages; its
+    answer is written on one output line (line breaks inside the answer become spaces)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("["):
+            try:
+                messages = check_messages(json.loads(line), f"stdin line {number}")
+            except json.JSONDecodeError as err:
+                raise SlmError(f"stdin line {number} starts with '[' but is not JSON ({err.msg})") from None
+        else:
+            messages = [{"role": "user", "content": line.strip()}]
+        if session.system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": session.system}, *messages]
+        answer = "".join(session.answer(messages))
+        out.write(" ".join(answer.split("\n")).strip() + "\n")
+        out.flush()
+
+
+def _typed_lines() -> Iterator[str]:
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            return
+
+
+def main(args) -> int:
+    device = pick_device(args.device)
+    folder = checkpoint_dir(args.run, args.checkpoint)
+    model, cfg, _ = load_model(folder, device)
+    settings = SamplingSettings(args.temperature, args.top_k, max_new_tokens=args.max_new_tokens)
+    settings.check(cfg.model.vocab_size)
+    session = ChatSession(model, args.system, settings, make_generator(device, args.seed))
+    if sys.stdin.isatty():
+        print(f"chatting with {folder} (context {cfg.model.block_size} tokens); {HELP}", file=sys.stderr)
+        chat_loop(session, _typed_lines(), sys.stdout)
+    else:
+        answer_lines(session, sys.stdin, sys.stdout)
+    return 0
