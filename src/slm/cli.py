@@ -28,7 +28,8 @@ EXAMPLES = {
     "generate": """examples:
   slm generate runs/demo --prompt "Once upon a time" --max-new-tokens 200
   slm generate runs/demo --temperature 0                # greedy
-  slm generate runs/demo --top-k 40 --seed 7 --num-samples 3""",
+  slm generate runs/demo --top-k 40 --seed 7 --num-samples 3
+  slm generate runs/demo --top-p 0.9 --repetition-penalty 1.2 --stop "The end." --stop $'\\n\\n'""",
     "eval": """examples:
   slm eval runs/demo --data data/demo                   # the prepared validation split
   slm eval runs/demo --data valid.txt --json            # any raw .txt or .jsonl file""",
@@ -37,7 +38,29 @@ EXAMPLES = {
   slm run tinystories --out runs/tinystories            # the real corpus from the hub (GPU recommended)""",
     "bench": """examples:
   slm bench --preset cpu
+  slm bench generate --preset cpu                      # only generation: KV cache vs recompute, batch 1 and 8
   slm bench --preset seed --steps 20 --save            # also writes benchmarks/results/DATE-seed-DEVICE.json""",
+    "make-instructions": """examples:
+  slm make-instructions demo --out chat.jsonl --prompts-out prompts.jsonl         # 100 held-out stories
+  slm make-instructions stories.txt --out chat.jsonl --prompts-out p.jsonl --held-out 0.02 --seed 7""",
+    "finetune": """examples:
+  slm finetune runs/demo --data chat.jsonl --out runs/assistant
+  slm finetune runs/demo --data chat.jsonl --val-data prompts.jsonl --out runs/assistant --max-steps 500
+  slm finetune runs/demo --data alpaca.jsonl --out runs/alpaca --learning-rate 1e-4 --force
+train flags default to the base run's settings, except: --max-steps 300 --warmup-steps 30 --eval-interval 50
+--learning-rate 3e-4, --min-learning-rate a tenth of the learning rate, and no --max-minutes or --max-tokens""",
+    "chat": """examples:
+  slm chat runs/assistant                               # interactive: /reset, /temperature X, /exit
+  slm chat runs/assistant --system "You tell short stories." --temperature 0.5 --top-k 40
+  echo "Write a story about Tom that uses the words ball, tree and happy." | slm chat runs/assistant""",
+    "eval-assistant": """examples:
+  slm eval-assistant runs/demo runs/assistant --prompts prompts.jsonl     # base vs fine-tuned
+  slm eval-assistant runs/assistant --prompts prompts.jsonl --limit 20 --json""",
+    "serve": """examples:
+  slm serve runs/assistant                              # chat page at http://127.0.0.1:8000/, API at /v1
+  slm serve runs/assistant --host 0.0.0.0 --port 8080 --api-key "$(cat key.txt)"
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "assistant", "messages": [{"role": "user", "content": "Tell me a story."}]}'""",
 }
 
 
@@ -90,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default: 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample only among the most likely ids whose probability reaches p (default: 1, all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1, ids already in the prompt or the output get less likely (default: 1, none)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the sample where this text appears, leaving it out; may be repeated")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling; the same seed gives the same text")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples to write (default: 1)")
     p.set_defaults(module="generate")
@@ -111,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(module="run")
 
     p = _parser(sub, "bench", "measure prepare, training and generation throughput and peak memory")
+    p.add_argument("what", nargs="?", choices=("all", "prepare", "train", "generate"), default="all",
+                   help="measure only this stage (default: all)")
     p.add_argument("--preset", choices=preset_names(), default="cpu", help="model and batch to measure")
     p.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default: 10)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
@@ -118,6 +149,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default="benchmarks/results",
                    help="folder for --save's DATE-PRESET-DEVICE.json (default: benchmarks/results)")
     p.set_defaults(module="bench")
+
+    p = _parser(sub, "make-instructions", "make chat data (instructions and answers) from a story corpus")
+    p.add_argument("source", help="demo, tinystories, hf:NAME[:CONFIG], or a .txt/.jsonl/.parquet file or folder")
+    p.add_argument("--out", required=True, help="the .jsonl file of training conversations to write")
+    p.add_argument("--prompts-out", metavar="FILE", help="also write held-out prompts, for `slm eval-assistant`")
+    p.add_argument("--held-out", type=float, default=None, metavar="N|FRACTION",
+                   help="stories held out for --prompts-out: the first N, or a fraction (default: 100)")
+    p.add_argument("--max-stories", type=int, default=0, help="read at most this many stories (default: 0, all)")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/parquet/HF rows")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the instruction kinds and word choices")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.set_defaults(module="instructions")
+
+    p = _parser(sub, "finetune", "fine-tune a trained run on chat data, with the loss on the assistant's tokens only")
+    p.add_argument("run", help="the base run folder, written by `slm train`")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of the base run to start from (default: best)")
+    p.add_argument("--data", required=True,
+                   help='chat data: a .jsonl file of {"messages": [...]} or {"instruction", "input", "output"} rows')
+    p.add_argument("--val-data", metavar="FILE", help="validation conversations (default: hold out --val-fraction)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of --data held out for validation when there is no --val-data (default: 0.05)")
+    p.add_argument("--out", required=True, help="run folder for the fine-tuned model")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tune in --out (same command + --resume)")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    add_config_flags(p, ("train",), exclude=("data",))
+    p.set_defaults(module="finetune")
+
+    p = _parser(sub, "chat", "chat with a model in the terminal; with stdin not a terminal, one answer per line")
+    _add_checkpoint_choice(p)
+    p.add_argument("--system", default=None, help="a system message that starts every conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling; the same seed gives the same answers")
+    p.set_defaults(module="chat")
+
+    p = _parser(sub, "eval-assistant", "score runs on held-out instruction prompts, side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders to compare, e.g. the base and the fine-tune")
+    p.add_argument("--prompts", required=True, help="held-out prompts written by `slm make-instructions --prompts-out`")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="checkpoint of each run (default: best)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling when --temperature > 0 (default: 0)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(module="eval_assistant")
+
+    p = _parser(sub, "serve", "serve a model over an OpenAI-compatible HTTP API, with a web chat page")
+    _add_checkpoint_choice(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every network "
+                   "(default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="the most tokens a request may generate per choice, and its default (default: 512)")
+    p.add_argument("--max-batch", type=int, default=16, help="the most rows decoded at once; n choices take "
+                   "n rows, and later requests wait (default: 16)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000,
+                   help="the largest request body accepted (default: 1000000)")
+    p.set_defaults(module="serve")
     return parser
 
 
