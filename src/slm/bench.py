@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from slm.checkpoint import write_text_atomic
-from slm.config import Config, resolve
+from slm.config import Config, flags_from_args, resolve
 from slm.device import keep_freed_memory, pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.generate import SamplingSettings, decode, make_generator
@@ -140,9 +140,10 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return maxrss / (2**20 if sys.platform == "darwin" else 2**10), "process max RSS"  # bytes on macOS, KB on Linux
 
 
-def run_bench(preset: str, steps: int, device_name: str, what: str = "all") -> dict[str, object]:
-    """The figures of `what`: all, prepare, train or generate."""
-    cfg = resolve(preset)
+def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
+              flags: dict[str, dict[str, object]] | None = None) -> dict[str, object]:
+    """The figures of `what`: all, prepare, train or generate, for the preset with `flags` over it."""
+    cfg = resolve(preset, flags=flags)
     device = pick_device(device_name)
     keep_freed_memory()
     dtype = pick_dtype(cfg.train.dtype, device)
@@ -189,7 +190,9 @@ def table(r: dict) -> str:
         f"slm bench: preset {r['preset']} on {r['device']} ({r['dtype']}), {r['date']}",
         f"machine: {hardware}, torch {m['torch']}, Python {m['python']}",
         f"model: {r['parameters'] / 1e6:.2f}M parameters, {model['n_layer']} layers x {model['n_embd']} wide, "
-        f"context {model['block_size']}; batch {r['batch_size']} x {model['block_size']} tokens",
+        f"context {model['block_size']}, " + (f"compact head of {model['vocab_head']:,} ids" if model.get("vocab_head")
+                                              else "full vocabulary head")
+        + f"; batch {r['batch_size']} x {model['block_size']} tokens",
         "",
         *(f"  {label:<44} {value:>12,.0f} {unit}" for label, value, unit in rows),
     ])
@@ -198,7 +201,7 @@ def table(r: dict) -> str:
 def main(args) -> int:
     if args.steps < 1:
         raise SlmError(f"--steps must be at least 1 (got {args.steps})")
-    results = run_bench(args.preset, args.steps, args.device, args.what)
+    results = run_bench(args.preset, args.steps, args.device, args.what, flags_from_args(args))
     print(table(results))
     if args.save:
         folder = Path(args.results_dir)

@@ -35,11 +35,13 @@ EXAMPLES = {
   slm eval runs/demo --data valid.txt --json            # any raw .txt or .jsonl file""",
     "run": """examples:
   slm run demo                                          # offline: prepare, train (CPU, <10 min), generate
-  slm run tinystories --out runs/tinystories            # the real corpus from the hub (GPU recommended)""",
+  slm run tinystories --out runs/tinystories            # the real corpus from the hub (GPU recommended)
+  slm run assistant                                     # demo base -> instructions -> fine-tune -> scores""",
     "bench": """examples:
   slm bench --preset cpu
   slm bench generate --preset cpu                      # only generation: KV cache vs recompute, batch 1 and 8
-  slm bench --preset seed --steps 20 --save            # also writes benchmarks/results/DATE-seed-DEVICE.json""",
+  slm bench --preset seed --steps 20 --save            # also writes benchmarks/results/DATE-seed-DEVICE.json
+  slm bench train --preset cpu --vocab-head 0          # any config flag overrides the preset""",
     "make-instructions": """examples:
   slm make-instructions demo --out chat.jsonl --prompts-out prompts.jsonl         # 100 held-out stories
   slm make-instructions stories.txt --out chat.jsonl --prompts-out p.jsonl --held-out 0.02 --seed 7""",
@@ -131,11 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(module="evaluate")
 
-    p = _parser(sub, "run", "run a whole pipeline: prepare, train, generate")
-    p.add_argument("pipeline", choices=("demo", "tinystories"), help="which pipeline")
+    p = _parser(sub, "run", "run a whole pipeline: prepare, train, generate (or fine-tune an assistant)")
+    p.add_argument("pipeline", choices=("demo", "tinystories", "assistant"), help="which pipeline")
     p.add_argument("--out", default=None, help="run folder (default: runs/PIPELINE)")
     p.add_argument("--data-out", default=None, help="prepared data folder (default: data/PIPELINE)")
     p.add_argument("--max-minutes", type=float, default=None, help="training time budget in minutes")
+    p.add_argument("--base", default=None,
+                   help="assistant: the pretrained run to fine-tune (default: runs/demo, trained first if absent)")
     p.add_argument("--force", action="store_true", help="replace existing data and run folders")
     p.set_defaults(module="run")
 
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", action="store_true", help="also write the results as JSON into --results-dir")
     p.add_argument("--results-dir", default="benchmarks/results",
                    help="folder for --save's DATE-PRESET-DEVICE.json (default: benchmarks/results)")
+    add_config_flags(p, exclude=("data", "device"))
     p.set_defaults(module="bench")
 
     p = _parser(sub, "make-instructions", "make chat data (instructions and answers) from a story corpus")
