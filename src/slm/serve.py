@@ -1,0 +1,484 @@
+"""`slm serve`: an OpenAI-compatible HTTP API and a web chat page over one model (FastAPI + uvicorn).
+
+    GET  /                      the chat page (chat.html): streams answers, keeps the conversation
+    GET  /health                {"status": "ok", "model": ID, "max_tokens": LIMIT, "api_key_required": BOOL}
+    GET  /v1/models             the one model; its id is the run folder's name
+    POST /v1/completions        continue a prompt (a string or a list of strings)
+    POST /v1/chat/completions   answer a conversation, rendered with chat.py's template
+
+Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list),
+`seed`, `stream` and `stream_options.include_usage`; other OpenAI fields are ignored. With `stream: true`
+the answer comes as server-sent events, one chunk per piece of text, ending with `data: [DONE]`. Each
+choice ends with the engine's finish reason: "stop" (end-of-text or a stop string) or "length".
+
+Context: a completion prompt must be shorter than the model's context (block_size), else 400
+`context_length_exceeded`; `max_tokens` may reach past the context, as generate.py's window slides. A chat
+drops its oldest turns first, as `slm chat` does (chat.fit_context; `usage.prompt_tokens` counts what is
+kept), and is refused only when the system message and the newest message alone do not fit. Every error is
+OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}, with a 4xx status for a client's mistake.
+
+Batching: one worker thread owns the model; request handlers put jobs on its inbox and await their text
+on an asyncio queue, so the event loop never waits for the model. When the worker starts a batch, it takes
+every waiting request with the same sampling settings (and no seed: a seeded request is decoded alone, so
+its text depends on its seed only) and decodes them together with generate.stream, each row streaming to
+its own request as its tokens arrive. A request arriving mid-decode does not join the running batch (the
+engine's KV cache cannot add rows); it starts a new batch at once, and the worker advances all running
+batches one step each in turn, so no request waits for another to finish. At most --max-batch rows decode
+at once; later requests wait in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import queue
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from slm.errors import SlmError
+
+try:
+    import uvicorn
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from pydantic import BaseModel, Field
+    from starlette.exceptions import HTTPException
+except ImportError as err:
+    raise SlmError(f"slm serve needs FastAPI and uvicorn ({err.name} is missing): pip install 'slm[serve]'") from None
+
+from slm import chat
+from slm.checkpoint import checkpoint_dir, load_model
+from slm.device import pick_device
+from slm.generate import MAX_NEW_TOKENS, SamplingSettings, TextDelta, make_generator, stream
+from slm.model import GPT
+from slm.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger("slm.serve")
+
+
+# ---- the worker: one thread owns the model ----------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Job:
+    """One request's rows (each prompt n times) and the queue their TextDeltas go to, row = choice index."""
+
+    prompts: list[list[int]]
+    settings: SamplingSettings
+    seed: int | None
+    loop: asyncio.AbstractEventLoop
+    deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # set by the handler when its client has gone; the worker drops its rows
+
+    def send(self, item: TextDelta | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.deltas.put_nowait, item)
+
+
+class Batch:
+    """Several jobs decoded as one batch by generate.stream."""
+
+    def __init__(self, jobs: list[Job], deltas: Iterator[TextDelta]) -> None:
+        self.jobs, self.deltas = jobs, deltas
+        self.rows = [(job, choice) for job in jobs for choice in range(len(job.prompts))]
+        self.steps = 0  # decoding steps the engine has run; every row has generated this many ids
+
+    def step(self) -> bool:
+        """Run one decoding step, sending each delta to its job; False once every row has finished or every
+        job has left. A step's deltas are sent as they come: the rest of the last step's, then the new one's."""
+        if all(job.cancelled for job in self.jobs):
+            return False
+        for delta in self.deltas:
+            job, choice = self.rows[delta.row]
+            job.send(dataclasses.replace(delta, row=choice))
+            if delta.tokens > self.steps:  # the first delta of a new step: the engine has just run it
+                self.steps = delta.tokens
+                return True
+        return False
+
+
+class Worker:
+    """The thread that owns the model: it starts batches from the jobs waiting and steps the running ones."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # None asks the thread to end
+        self.thread = threading.Thread(target=self._run, name="slm-serve-worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        self.thread.join()
+
+    async def results(self, job: Job) -> AsyncIterator[TextDelta]:
+        """The job's deltas as the worker sends them, until every row has its finish reason."""
+        self.inbox.put(job)
+        left = len(job.prompts)
+        try:
+            while left:
+                item = await job.deltas.get()
+                if isinstance(item, Exception):
+                    raise item
+                left -= item.finish_reason is not None
+                yield item
+        finally:
+            job.cancelled = True
+
+    def _run(self) -> None:
+        running: list[Batch] = []
+        waiting: collections.deque[Job] = collections.deque()
+        while True:
+            # Idle, sleep until a request comes; busy, take what arrived during the last step without waiting.
+            arrived = [self.inbox.get()] if not running and not waiting else []
+            while not self.inbox.empty():
+                arrived.append(self.inbox.get())
+            if None in arrived:
+                return
+            waiting.extend(arrived)
+            free = self.max_batch - sum(len(batch.rows) for batch in running)
+            while waiting and len(waiting[0].prompts) <= free:  # in arrival order, so a big request is not starved
+                jobs = self._take_batch(waiting, free)
+                free -= sum(len(job.prompts) for job in jobs)
+                if batch := self._guard(jobs, self._start, jobs):
+                    running.append(batch)
+            running = [batch for batch in running if self._guard(batch.jobs, batch.step)]
+
+    @staticmethod
+    def _take_batch(waiting: collections.deque[Job], free: int) -> list[Job]:
+        """The first waiting job and, unless it is seeded, the later ones with the same settings that fit."""
+        jobs = [waiting.popleft()]
+        rows = len(jobs[0].prompts)
+        for job in list(waiting) if jobs[0].seed is None else []:
+            if job.seed is None and job.settings == jobs[0].settings and rows + len(job.prompts) <= free:
+                waiting.remove(job)
+                jobs.append(job)
+                rows += len(job.prompts)
+        return jobs
+
+    def _start(self, jobs: list[Job]) -> Batch:
+        prompts = [ids for job in jobs for ids in job.prompts]
+        generator = make_generator(self.model.transformer.wte.weight.device, jobs[0].seed)
+        return Batch(jobs, stream(self.model, self.tokenizer, prompts, jobs[0].settings, generator))
+
+    def _guard(self, jobs: list[Job], call, *args):
+        """call(*args); an exception (a bug: requests are checked before they get here) fails these jobs only."""
+        try:
+            return call(*args)
+        except Exception as err:
+            log.exception("generation failed")
+            for job in jobs:
+                job.send(err)
+            return None
+
+
+# ---- requests ---------------------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An error answered as OpenAI's {"error": {...}} JSON."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.error_type = status, message, param, code, error_type
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse({"error": error}, status_code=self.status, headers=headers)
+
+
+def generation_failed() -> ApiError:
+    return ApiError(500, "generation failed; see the server's log", error_type="server_error")
+
+Stop = Annotated[str, Field(min_length=1)]  # every text contains the empty string
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: Stop | list[Stop] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class ChatRequest(Sampling):
+    messages: list[Any]  # checked by chat.check_messages, which names the bad message
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens in OpenAI's chat API
+
+
+class Server:
+    """The model and its limits; turns requests into jobs for the worker, and their deltas into responses."""
+
+    def __init__(self, model: GPT, model_id: str, created: int, max_tokens: int, max_batch: int) -> None:
+        self.model, self.model_id, self.created = model, model_id, created
+        self.max_tokens, self.max_batch = max_tokens, max_batch
+        self.tokenizer = get_tokenizer()
+        self.worker = Worker(model, self.tokenizer, max_batch)
+
+    def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise ApiError(400, "prompt is an empty list; give a string or a list of strings", "prompt")
+        # An empty prompt starts a new document, as in `slm generate`.
+        return [self.tokenizer.encode(text) or [self.tokenizer.eot_id] for text in texts]
+
+    def chat_prompts(self, body: ChatRequest) -> list[list[int]]:
+        try:
+            messages = chat.check_messages(body.messages, "request")
+        except SlmError as err:
+            raise ApiError(400, str(err), "messages") from None
+        # As in `slm chat`: the oldest turns go first, leaving room for an answer of up to half the context.
+        block_size = self.model.config.block_size
+        answer = min(self.max_new_tokens(body), block_size // 2)
+        return [chat.prompt_ids(chat.fit_context(messages, block_size - answer))]
+
+    def max_new_tokens(self, body: Sampling) -> int:
+        asked = (isinstance(body, ChatRequest) and body.max_completion_tokens) or body.max_tokens
+        if asked and asked > self.max_tokens:
+            raise ApiError(400, f"max_tokens is {asked}, but this server allows at most {self.max_tokens} "
+                           "(slm serve --max-tokens)", "max_tokens")
+        return asked or self.max_tokens
+
+    def job(self, body: Sampling, prompts: list[list[int]]) -> Job:
+        if len(prompts) * body.n > self.max_batch:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} is more than the {self.max_batch} rows "
+                           "this server decodes at once (slm serve --max-batch)", "n")
+        block_size = self.model.config.block_size
+        for ids in prompts:
+            if len(ids) >= block_size:
+                raise ApiError(400, f"the prompt has {len(ids)} tokens, but this model's context holds {block_size} "
+                               "with room for at least one new token", "messages" if isinstance(body, ChatRequest)
+                               else "prompt", "context_length_exceeded")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        settings = SamplingSettings(body.temperature, top_p=body.top_p, max_new_tokens=self.max_new_tokens(body),
+                                    stop=stop)
+        return Job([ids for ids in prompts for _ in range(body.n)], settings, body.seed, asyncio.get_running_loop())
+
+    async def respond(self, body: Sampling, make_prompts, kind: str) -> dict[str, Any] | StreamingResponse:
+        """The answer to a request, kind "chat" or "completion": JSON, or server-sent events with `stream`."""
+        if body.model != self.model_id:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server has {self.model_id!r}",
+                           "model", "model_not_found")
+        prompts = await asyncio.to_thread(make_prompts, body)  # a long prompt takes a while to tokenize
+        job = self.job(body, prompts)
+        head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.model_id, "object": "chat.completion" if kind == "chat" else "text_completion"}
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._events(job, head, kind, prompt_tokens if include_usage else None),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts, last = [""] * len(job.prompts), {}
+        try:
+            async for delta in self.worker.results(job):
+                texts[delta.row] += delta.text
+                last[delta.row] = delta
+        except Exception:
+            raise generation_failed() from None
+        choices = [{"index": row, **_content(kind, text, final=True), "logprobs": None,
+                    "finish_reason": last[row].finish_reason} for row, text in enumerate(texts)]
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, sum(d.tokens for d in last.values()))}
+
+    async def _events(self, job: Job, head: dict, kind: str, prompt_tokens: int | None) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per delta, a last chunk with the usage when prompt_tokens is given."""
+        head = {**head, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+        if kind == "chat":  # as OpenAI does, a first chunk names each choice's role
+            yield event([{"index": row, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for row in range(len(job.prompts))])
+        completion_tokens = 0
+        try:
+            async for delta in self.worker.results(job):
+                completion_tokens += delta.tokens if delta.finish_reason else 0
+                yield event([{"index": delta.row, **_content(kind, delta.text, final=False), "logprobs": None,
+                              "finish_reason": delta.finish_reason}])
+        except Exception:  # the 200 status has gone out; OpenAI's clients read an error event mid-stream
+            yield f"data: {generation_failed().response().body.decode()}\n\n"
+        if prompt_tokens is not None:
+            yield event([], usage=_usage(prompt_tokens, completion_tokens))
+        yield "data: [DONE]\n\n"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _content(kind: str, text: str, final: bool) -> dict[str, Any]:
+    if kind == "completion":
+        return {"text": text}
+    if final:
+        return {"message": {"role": "assistant", "content": text}}
+    return {"delta": {"content": text} if text else {}}
+
+
+class BodyLimit:
+    """ASGI middleware refusing POST bodies over max_bytes before they are read. uvicorn reads exactly
+    Content-Length bytes, so the header bounds what is read; a body without one is refused."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            error = None
+            if not length.isdigit():
+                error = ApiError(411, "send the request body with a Content-Length header")
+            elif int(length) > self.max_bytes:
+                error = ApiError(413, f"the request body has {int(length)} bytes; this server takes at most "
+                                 f"{self.max_bytes} (slm serve --max-body-bytes)")
+            if error:
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# ---- the app ----------------------------------------------------------------------------------------------------
+
+def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", api_key: str | None = None,
+               max_tokens: int = 512, max_batch: int = 16, max_body_bytes: int = 1_000_000) -> FastAPI:
+    """The FastAPI app serving RUN's checkpoint; its worker thread runs while the app does (lifespan)."""
+    if not 1 <= max_tokens <= MAX_NEW_TOKENS:
+        raise SlmError(f"--max-tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_tokens})")
+    if max_batch < 1:
+        raise SlmError(f"--max-batch must be at least 1 (got {max_batch})")
+    if api_key == "":
+        raise SlmError("--api-key must not be empty; omit it to serve without a key")
+    if max_body_bytes < 1:
+        raise SlmError(f"--max-body-bytes must be at least 1 (got {max_body_bytes})")
+    folder = checkpoint_dir(run, checkpoint)
+    model, _, _ = load_model(folder, pick_device(device))
+    created = int((folder / "model.safetensors").stat().st_mtime)
+    server = Server(model, Path(run).resolve().name, created, max_tokens, max_batch)
+    page = resources.files("slm").joinpath("chat.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.worker.start()
+        yield
+        server.worker.stop()
+
+    app = FastAPI(title="slm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    async def authorize(request: Request) -> None:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        given = key.encode() if scheme.lower() == "bearer" else b""
+        if api_key is not None and not secrets.compare_digest(given, api_key.encode()):
+            raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY' "
+                           "with the key given to slm serve --api-key", code="invalid_api_key")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            return ApiError(400, f"the request body is not valid JSON ({first['ctx']['error']})").response()
+        where = [str(part) for part in first["loc"] if part != "body"]
+        code = "missing_required_parameter" if first["type"] == "missing" else None
+        return ApiError(400, f"{'.'.join(where) or 'the body'}: {first['msg']}", where[0] if where else None,
+                        code).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}").response()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.model_id, "max_tokens": server.max_tokens,
+                "api_key_required": api_key is not None}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
+                                            "owned_by": "slm"}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest):
+        return await server.respond(body, server.completion_prompts, "completion")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatRequest):
+        return await server.respond(body, server.chat_prompts, "chat")
+
+    return app
+
+
+class _ThreadServer(uvicorn.Server):
+    """uvicorn's server with an event set once it has started, or failed to."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        finally:
+            self.ready.set()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve app from a thread of this process on a free port and yield its URL once it is up; for tests,
+    benchmarks and notebooks. The socket is bound here, so the port is known before uvicorn starts."""
+    sock = socket.create_server((host, 0))
+    server = _ThreadServer(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    with contextlib.closing(sock):
+        thread.start()
+        server.ready.wait()
+        if not server.started:
+            thread.join()
+            raise RuntimeError("the server failed to start; see its log above")
+        try:
+            yield f"http://{host}:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join()
+
+
+def main(args) -> int:
+    app = create_app(args.run, args.checkpoint, args.device, args.api_key, args.max_tokens, args.max_batch,
+                     args.max_body_bytes)
+    server, url = app.state.server, f"http://{args.host}:{args.port}"
+    print(f"slm: serving {server.model_id} ({server.model.config.block_size}-token context): the chat page at "
+          f"{url}/, the OpenAI API at {url}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

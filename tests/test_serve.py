@@ -1,0 +1,308 @@
+"""`slm serve`, driven by the official openai client and a real browser, over an in-process server."""
+
+import asyncio
+import json
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi", reason="slm serve needs the serve extra: pip install '.[serve]'")
+openai = pytest.importorskip("openai", reason="the serve tests use the official openai client")
+httpx = pytest.importorskip("httpx")
+
+from slm import chat  # noqa: E402
+from slm.checkpoint import checkpoint_dir, load_model  # noqa: E402
+from slm.cli import main  # noqa: E402
+from slm.generate import SamplingSettings, complete  # noqa: E402
+from slm.serve import Job, Worker, create_app, serve_in_thread  # noqa: E402
+from slm.tokenizer import get_tokenizer  # noqa: E402
+
+HELLO = [{"role": "user", "content": "Tell me about Tom."}]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_run):
+    with serve_in_thread(create_app(tiny_run, device="cpu", max_tokens=4000, max_body_bytes=10_000)) as base:
+        yield base
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    return load_model(checkpoint_dir(tiny_run), "cpu")[0]
+
+
+def alone(model, prompt: list[int], max_tokens: int) -> str:
+    """The greedy text of one prompt decoded alone by the engine: what the server must answer."""
+    return complete(model, get_tokenizer(), [prompt], SamplingSettings(0.0, max_new_tokens=max_tokens))[0].text
+
+
+def test_the_model_is_listed_by_its_run_folder_name(client, tiny_run):
+    assert [m.id for m in client.models.list()] == [tiny_run.name]
+
+
+def test_a_completion_is_the_engines_text_with_usage_and_a_finish_reason(client, tiny_run, model):
+    reply = client.completions.create(model=tiny_run.name, prompt="Tom had a", max_tokens=6, temperature=0)
+    prompt = get_tokenizer().encode("Tom had a")
+    assert reply.choices[0].text == alone(model, prompt, 6)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert 1 <= reply.usage.completion_tokens <= 6
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_max_tokens_ends_a_completion_with_length(client, tiny_run):
+    reply = client.completions.create(model=tiny_run.name, prompt="Lily liked the", max_tokens=1, temperature=0)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 1
+
+
+def test_a_stop_string_ends_the_text_before_it(client, tiny_run, model):
+    full = alone(model, get_tokenizer().encode("Tell me"), 8)
+    stop = full[-1]  # a piece of text the greedy answer reaches
+    reply = client.completions.create(model=tiny_run.name, prompt="Tell me", max_tokens=8, temperature=0,
+                                      stop=["never", stop])
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].text == full[:full.index(stop)]
+
+
+def test_a_chat_completion_answers_with_the_chat_template(client, tiny_run, model):
+    reply = client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=6, temperature=0)
+    prompt = chat.prompt_ids(HELLO)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == alone(model, prompt, 6)
+    assert reply.usage.prompt_tokens == len(prompt)
+
+
+def test_a_streamed_chat_arrives_in_pieces_and_ends_with_a_reason_and_usage(client, tiny_run):
+    chunks = list(client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=6, temperature=0)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_the_raw_stream_is_server_sent_events_ending_with_done(url, tiny_run):
+    body = {"model": tiny_run.name, "prompt": "Tom", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_n_gives_that_many_choices(client, tiny_run):
+    reply = client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=4, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+
+
+def test_the_same_seed_gives_the_same_text(client, tiny_run):
+    def sample(seed):
+        reply = client.completions.create(model=tiny_run.name, prompt="Once", max_tokens=10, temperature=1.0,
+                                          seed=seed, n=2)
+        return [c.text for c in reply.choices]
+
+    assert sample(7) == sample(7)
+
+
+def test_eight_concurrent_requests_are_all_answered_as_if_alone(client, tiny_run, model):
+    # Prompts the tiny model continues differently, and n of 1 or 2: a row sent to the wrong request shows.
+    prompts = ["Tell me", "ball", "Tom had a ball.", "<|user|>", "Tell me", "The end.", "cat", "Lily liked the"]
+
+    def ask(i):
+        return client.completions.create(model=tiny_run.name, prompt=prompts[i], max_tokens=8, temperature=0,
+                                          n=1 + i % 2)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, range(8)))
+    tokenizer = get_tokenizer()
+    for i, reply in enumerate(replies):
+        assert [c.text for c in reply.choices] == [alone(model, tokenizer.encode(prompts[i]), 8)] * (1 + i % 2)
+
+
+def test_a_short_request_is_answered_while_a_long_one_decodes(client, tiny_run):
+    long = client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=4000, temperature=0,
+                                     stream=True)
+    started, leave, long_done = threading.Event(), threading.Event(), threading.Event()
+
+    def read_long():
+        for _ in long:
+            started.set()
+            if leave.is_set():
+                break  # the client leaves: the server drops its rows
+        else:
+            long_done.set()
+        long.close()
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    started.wait()
+    short = client.completions.create(model=tiny_run.name, prompt="Tell me", max_tokens=2, temperature=0.5)
+    assert short.choices[0].finish_reason and not long_done.is_set()
+    leave.set()
+    reader.join()
+    assert client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2).choices
+
+
+def test_requests_waiting_when_a_batch_starts_share_it_but_a_seeded_one_runs_alone(model, monkeypatch):
+    import slm.serve
+
+    engine, batches = slm.serve.stream, []
+
+    def spy(model, tokenizer, prompts, settings, generator):
+        batches.append(len(prompts))
+        return engine(model, tokenizer, prompts, settings, generator)
+
+    monkeypatch.setattr(slm.serve, "stream", spy)
+    tokenizer = get_tokenizer()
+    worker = Worker(model, tokenizer, max_batch=8)
+    prompts = [tokenizer.encode(p) for p in ("Tom", "Lily had", "Sam liked the")]
+    settings = SamplingSettings(0.0, max_new_tokens=4)
+
+    async def text(job):
+        return "".join([delta.text async for delta in worker.results(job)])
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [Job([ids], settings, None, loop) for ids in prompts] + [Job(prompts[:1] * 2, settings, 5, loop)]
+        tasks = [asyncio.create_task(text(job)) for job in jobs]
+        await asyncio.sleep(0)  # one turn of the loop: every task puts its job in the worker's inbox
+        worker.start()
+        return await asyncio.gather(*tasks)
+
+    try:
+        texts = asyncio.run(run())
+    finally:
+        worker.stop()
+    assert batches == [3, 2]
+    assert texts[:3] == [complete(model, tokenizer, [ids], settings)[0].text for ids in prompts]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, url, tiny_run):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=0)
+    assert bad.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="at most 4000"):
+        client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=4001)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="gpt-4", prompt="Tom", max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model=tiny_run.name, prompt="Tom had a ball. " * 20, max_tokens=2)
+    assert long.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model=tiny_run.name, messages=[{"role": "robot", "content": "hi"}])
+
+    for body, status, param in [(b'{"model": "x", "prompt": ', 400, None),
+                                (json.dumps({"model": tiny_run.name}).encode(), 400, "prompt"),
+                                (json.dumps({"model": tiny_run.name, "prompt": "a", "stop": ""}).encode(), 400, "stop"),
+                                (b"{" + b" " * 20_000 + b"}", 413, None)]:
+        response = httpx.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+    assert httpx.get(f"{url}/v1/nowhere").json()["error"]["message"]
+
+    assert client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_failed_generation_is_a_server_error_and_the_server_goes_on(client, tiny_run, monkeypatch):
+    import slm.serve
+
+    def broken(*args):
+        raise RuntimeError("a bug in the engine")
+
+    monkeypatch.setattr(slm.serve, "stream", broken)
+    with pytest.raises(openai.InternalServerError, match="generation failed"):
+        client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2)
+    with pytest.raises(openai.APIError, match="generation failed"):  # the status went out before the failure
+        list(client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=2, stream=True))
+    monkeypatch.undo()
+    assert client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2).choices
+
+
+def test_an_api_key_is_enforced_when_set(tiny_run):
+    with serve_in_thread(create_app(tiny_run, device="cpu", api_key="sesame", max_tokens=4)) as base:
+        stranger = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as refused:
+            stranger.models.list()
+        assert refused.value.body["code"] == "invalid_api_key"
+        anonymous = httpx.post(f"{base}/v1/completions", json={"model": tiny_run.name, "prompt": "Tom"})
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+        friend = openai.OpenAI(base_url=f"{base}/v1", api_key="sesame", max_retries=0)
+        assert friend.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2).choices
+        assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": tiny_run.name, "max_tokens": 4,
+                                                      "api_key_required": True}
+
+
+def test_serve_refuses_bad_limits_in_one_line(tiny_run, capsys):
+    assert main(["serve", str(tiny_run), "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err.startswith("slm: error: --max-batch must be at least 1")
+
+
+def test_serve_shows_examples_in_its_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "examples:" in capsys.readouterr().out
+
+
+# ---- the web page, in a real browser --------------------------------------------------------------------------
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
+                    "chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=900,700", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    # An explicit driver path: Selenium Manager would otherwise try to download one.
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    yield browser
+    browser.quit()
+
+
+def test_the_chat_page_streams_an_answer_and_keeps_the_conversation(browser, url, client, tiny_run):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: tiny_run.name in b.find_element(By.ID, "model").text)
+    for field, value in (("temperature", "0"), ("max-tokens", "6")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    # Count the changes to the answer's text as they are made: a streamed answer grows in steps.
+    browser.execute_script("window.updates = 0; new MutationObserver(() => window.updates++)"
+                           ".observe(document.getElementById('log'), {subtree: true, childList: true});")
+    for turn in ("Tell me about Tom.", "And Lily?"):
+        browser.find_element(By.ID, "input").send_keys(turn)
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: b.find_element(By.ID, "send").text == "send" and
+                   len(b.find_elements(By.CSS_SELECTOR, ".assistant")) == 1 + (turn == "And Lily?"))
+    conversation = browser.execute_script("return messages")
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
+    expected = client.chat.completions.create(model=tiny_run.name, messages=conversation[:3], max_tokens=6,
+                                              temperature=0).choices[0].message.content
+    assert conversation[3]["content"] == expected
+    assert browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text.startswith(expected.strip())
+    assert browser.execute_script("return window.updates") > 4  # two questions, two answers, and their growth
+    assert not browser.find_elements(By.CSS_SELECTOR, ".error")
