@@ -24,7 +24,9 @@ EXAMPLES = {
   slm train --data data/demo --out runs/demo --preset cpu
   slm train --data data/demo --out runs/small --n-layer 2 --learning-rate 3e-4 --max-minutes 5
   slm train --config runs/demo/config.toml --out runs/again
-  slm train --data data/demo --out runs/demo --preset cpu --resume     # continue after a stop or a crash""",
+  slm train --data data/demo --out runs/demo --preset cpu --resume     # continue after a stop or a crash
+  slm train --data data/demo --out runs/ddp --nproc 2                  # data parallel: torchrun, 2 processes
+  torchrun --nproc_per_node 8 -m slm train --data data/ts --out runs/ts --preset seed   # the same, by hand""",
     "generate": """examples:
   slm generate runs/demo --prompt "Once upon a time" --max-new-tokens 200
   slm generate runs/demo --temperature 0                # greedy
@@ -58,6 +60,12 @@ train flags default to the base run's settings, except: --max-steps 300 --warmup
     "eval-assistant": """examples:
   slm eval-assistant runs/demo runs/assistant --prompts prompts.jsonl     # base vs fine-tuned
   slm eval-assistant runs/assistant --prompts prompts.jsonl --limit 20 --json""",
+    "export": """examples:
+  slm export runs/demo --out exports/demo               # Hugging Face folder: AutoModelForCausalLM, pipeline
+  slm export runs/assistant --out exports/assistant --push-to-hub NAME/assistant
+  slm export runs/demo --format gguf --out demo.gguf --dtype q8_0     # llama.cpp: llama-cli -m demo.gguf""",
+    "import": """examples:
+  slm import path/to/gpt2-folder --out runs/gpt2        # a local GPT2LMHeadModel folder, e.g. from save_pretrained""",
     "serve": """examples:
   slm serve runs/assistant                              # chat page at http://127.0.0.1:8000/, API at /v1
   slm serve runs/assistant --host 0.0.0.0 --port 8080 --api-key "$(cat key.txt)"
@@ -105,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint (same command line + --resume)")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="train on this many processes of this machine: runs this command under torchrun")
     _add_config_source(p)
     add_config_flags(p)
     p.set_defaults(module="train")
@@ -218,6 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000,
                    help="the largest request body accepted (default: 1000000)")
     p.set_defaults(module="serve")
+
+    p = _parser(sub, "export", "write a run as a Hugging Face GPT-2 folder or a GGUF file for llama.cpp")
+    p.add_argument("run", help="run folder written by `slm train` or `slm finetune`")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of the run to export (default: best)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: a transformers model folder "
+                   "(default); gguf: one file for llama.cpp")
+    p.add_argument("--out", required=True, help="the folder (hf) or .gguf file to write")
+    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f16",
+                   help="gguf: storage of the weight matrices; norms and biases stay f32 (default: f16)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="hf: also upload the folder to this Hub repository "
+                   "(needs `hf auth login` and the network)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(module="export")
+
+    p = _parser(sub, "import", "turn a local Hugging Face GPT-2 folder into an slm run")
+    p.add_argument("dir", help="a folder with config.json and model.safetensors or pytorch_model.bin")
+    p.add_argument("--out", required=True, help="run folder to write (config.toml, best/, last/)")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.set_defaults(module="export")  # `import` is a Python keyword: export.py owns both directions
     return parser
 
 

@@ -10,14 +10,16 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slm import checkpoint, data
+from slm import checkpoint, data, distributed
 from slm.config import Config, TrainConfig, check_resume_changes, flags_from_args, resolve
-from slm.device import autocast, keep_freed_memory, pick_device, pick_dtype
+from slm.device import autocast, keep_freed_memory, pick_dtype
+from slm.distributed import World
 from slm.errors import SlmError
 from slm.model import GPT, IGNORE_INDEX
 from slm.prepare import read_meta
@@ -106,18 +109,21 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
 
 
 def accumulate(model: torch.nn.Module, micro_batches: list[Batch], device: torch.device,
-               dtype: torch.dtype, scaler: torch.amp.GradScaler) -> float:
-    """Forward and backward over the micro-batches; gradients equal those of one batch holding them all.
-    Each micro-batch's mean loss is weighted by its share of the step's counted targets."""
-    counted = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
-    total = 0.0
-    for x, y in micro_batches:
-        with autocast(device, dtype):
+               dtype: torch.dtype, scaler: torch.amp.GradScaler, world: World = World()) -> float:
+    """Forward and backward over this process's micro-batches; the gradients equal those of one batch holding
+    every process's micro-batches. Each micro-batch's mean loss is weighted by its share of the step's counted
+    targets over all processes (times world_size, as DDP averages the processes' gradients); DDP synchronises
+    only on the last micro-batch. Returns the step's mean loss over all processes."""
+    counted = distributed.total([sum(float((y != IGNORE_INDEX).sum()) for _, y in micro_batches)], world, device)[0]
+    local = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if world.distributed and not last else nullcontext(), autocast(device, dtype):
             _, loss = model(x, y)
-        weight = int((y != IGNORE_INDEX).sum()) / max(counted, 1)
-        scaler.scale(loss * weight).backward()
-        total += loss.item() * weight
-    return total
+            share = float((y != IGNORE_INDEX).sum()) / max(counted, 1.0)
+            scaler.scale(loss * share * world.world_size).backward()
+        local += loss.item() * share
+    return distributed.total([local], world, device)[0]
 
 
 def step_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -160,31 +166,37 @@ class StopOnSignal:
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over a fixed list of batches, in eval mode (no dropout)."""
+def estimate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, dtype: torch.dtype,
+                  world: World = World()) -> float:
+    """Mean loss over a fixed list of batches, in eval mode (no dropout); the processes share the batches."""
     was_training = model.training
     model.eval()
     losses = []
-    for x, y in batches:
+    for x, y in batches[world.rank::world.world_size]:
         with autocast(device, dtype):
             losses.append(model(x, y)[1].item())
     model.train(was_training)
-    return sum(losses) / len(losses)
+    loss_sum, count = distributed.total([sum(losses), len(losses)], world, device)
+    return loss_sum / count
 
 
 class PretrainBatches:
     """Random windows of the training memmap; step s always gets the same global batch."""
 
-    def __init__(self, data_dir: str, cfg: Config, device: torch.device) -> None:
+    def __init__(self, data_dir: str, cfg: Config, device: torch.device, world: World = World()) -> None:
         self.tokens = data.open_split(data_dir, "train")
         data.check_fits(self.tokens, cfg.model.block_size, "train")
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.world = cfg, device, world
 
     def __call__(self, step: int) -> list[Batch]:
+        """This process's micro-batches: its contiguous slice of the global batch, which depends only on
+        (seed, step), so the run is the same whatever the number of processes."""
         t = self.cfg.train
         starts = data.window_starts(t.seed, step, t.batch_size, len(self.tokens), self.cfg.model.block_size)
-        return [data.get_batch(self.tokens, starts[i:i + t.micro_batch_size], self.cfg.model.block_size, self.device)
-                for i in range(0, t.batch_size, t.micro_batch_size)]
+        per_process = t.batch_size // self.world.world_size
+        mine = starts[self.world.rank * per_process:(self.world.rank + 1) * per_process]
+        return [data.get_batch(self.tokens, mine[i:i + t.micro_batch_size], self.cfg.model.block_size, self.device)
+                for i in range(0, per_process, t.micro_batch_size)]
 
 
 def validation_batches(data_dir: str, cfg: Config, device: torch.device) -> list[Batch]:
@@ -216,16 +228,23 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     from slm.tokenizer import get_tokenizer
 
     t = cfg.train
-    device = pick_device(t.device)
+    world, device = distributed.setup(t.device)
+    if t.batch_size % (t.micro_batch_size * world.world_size):
+        raise SlmError(f"--batch-size ({t.batch_size}) must be a multiple of --micro-batch-size "
+                       f"({t.micro_batch_size}) x {world.world_size} processes")
     dtype = pick_dtype(t.dtype, device)
     tokenizer = get_tokenizer()
     meta = read_meta(t.data) if t.data else None
     if meta is not None:
         check_data_matches(meta, cfg, tokenizer.identity())
-    batches = batches or PretrainBatches(t.data, cfg, device)
+    batches = batches or PretrainBatches(t.data, cfg, device, world)
     val_batches = val_batches if val_batches is not None else validation_batches(t.data, cfg, device)
     bytes_per_token = (meta["splits"]["validation"]["bytes"] / max(meta["splits"]["validation"]["tokens"], 1)
                        if meta else None)
+
+    def say(message: str) -> None:  # once, from the first process
+        if world.is_main:
+            tqdm.write(message, file=sys.stderr)
 
     keep_freed_memory()
     torch.manual_seed(t.seed)
@@ -235,9 +254,8 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     if cfg.model.vocab_head and init_model is None and resume_from is None:
         counts = data.token_counts(data.open_split(t.data, "train"), cfg.model.vocab_size)
         raw_model.lm_head.set_frequencies(torch.from_numpy(counts).to(device))
-        print(f"compact head: the {cfg.model.vocab_head:,} most frequent ids cover "
-              f"{counts[raw_model.lm_head.head_ids.cpu().numpy()].sum() / counts.sum():.2%} of the training tokens",
-              file=sys.stderr)
+        say(f"compact head: the {cfg.model.vocab_head:,} most frequent ids cover "
+            f"{counts[raw_model.lm_head.head_ids.cpu().numpy()].sum() / counts.sum():.2%} of the training tokens")
     optimizer = build_optimizer(raw_model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = TrainState()
@@ -247,47 +265,49 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved["state"])  # last: it restores the RNG states too
-        checkpoint.rewind_metrics(run_dir / "metrics.jsonl", state.step)
-        print(f"resuming from {resume_from} at step {state.step}", file=sys.stderr)
-    model = torch.compile(raw_model) if t.compile else raw_model
+        if world.is_main:
+            checkpoint.rewind_metrics(run_dir / "metrics.jsonl", state.step)
+        say(f"resuming from {resume_from} at step {state.step}")
+    model = distributed.wrap(torch.compile(raw_model) if t.compile else raw_model, world, device)
 
     tokens_per_step = t.batch_size * cfg.model.block_size
     steps = total_steps(t, tokens_per_step)
-    print(f"GPT: {raw_model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
-          f"{cfg.model.n_embd} wide, context {cfg.model.block_size} | device {device}, {str(dtype).split('.')[-1]}",
-          file=sys.stderr)
-    print(f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
-          f"step = {t.grad_accum_steps} micro-batches of {t.micro_batch_size} | up to {steps:,} steps"
-          + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""), file=sys.stderr)
+    say(f"GPT: {raw_model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
+        f"{cfg.model.n_embd} wide, context {cfg.model.block_size} | device {device}, {str(dtype).split('.')[-1]}"
+        + (f" | {world.world_size} processes" if world.distributed else ""))
+    accum = t.batch_size // (t.micro_batch_size * world.world_size)
+    say(f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
+        f"step = {world.world_size} process(es) x {accum} micro-batches of {t.micro_batch_size} | up to "
+        f"{steps:,} steps" + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
 
-    metrics = checkpoint.MetricsLog(run_dir / "metrics.jsonl")
+    metrics = checkpoint.MetricsLog(run_dir / "metrics.jsonl" if world.is_main else Path(os.devnull))
     progress = tqdm(total=steps, initial=state.step, desc="train", unit="step", file=sys.stderr,
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, disable=not world.is_main)
 
     def save_last() -> None:
-        trainer_state = {"state": state.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict()}
-        checkpoint.save(run_dir, "last", raw_model, cfg, tokenizer.identity(), trainer_state, state.step,
-                        t.keep_checkpoints)
+        if world.is_main:
+            trainer_state = {"state": state.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict()}
+            checkpoint.save(run_dir, "last", raw_model, cfg, tokenizer.identity(), trainer_state, state.step,
+                            t.keep_checkpoints)
+        distributed.barrier(world)
 
     def evaluate_and_save() -> None:
-        val_loss = estimate_loss(model, val_batches, device, dtype)
+        val_loss = estimate_loss(model, val_batches, device, dtype, world)
         record: dict[str, Any] = {"step": state.step, "val_loss": val_loss, "tokens_seen": state.tokens_seen}
         if bytes_per_token:
             record["val_bpb"] = val_loss / math.log(2) / bytes_per_token
         improved = val_loss < state.best_val_loss
         state.best_val_loss = min(state.best_val_loss, val_loss)
         metrics.write(record)
-        progress.write(f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""),
-                       file=sys.stderr)
-        if t.sample_tokens:
+        say(f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+        if t.sample_tokens and world.is_main:
             raw_model.eval()
-            sample = sample_text(raw_model, tokenizer, "", t.sample_tokens, seed=t.seed)
-            progress.write("  " + sample.strip().replace("\n", " "), file=sys.stderr)
+            say("  " + sample_text(raw_model, tokenizer, "", t.sample_tokens, seed=t.seed).strip().replace("\n", " "))
             raw_model.train()
-        save_last()
-        if improved:
+        if improved and world.is_main:
             checkpoint.save(run_dir, "best", raw_model, cfg, tokenizer.identity(), step=state.step)
+        save_last()
 
     def finished() -> bool:
         return state.step >= steps or bool(t.max_minutes) and state.train_seconds >= t.max_minutes * 60
@@ -298,7 +318,7 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
             lr = learning_rate(state.step, decay_progress(state, t, steps), t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = accumulate(model, batches(state.step), device, dtype, scaler)
+            loss = accumulate(model, batches(state.step), device, dtype, scaler, world)
             grad_norm = step_optimizer(raw_model, optimizer, scaler, t.grad_clip)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -326,20 +346,20 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
                 raise SlmError(f"{state.bad_steps_in_row} steps in a row (up to step {state.step}) had a non-finite "
                                f"loss or gradient and were skipped; stopping. The last good checkpoint is in "
                                f"{run_dir / 'last'}: lower --learning-rate or check the data, then --resume")
+            if world.distributed and distributed.total([float(stop.received or 0)], world, device)[0]:
+                stop.received = stop.received or signal.SIGTERM  # every process stops at the same step
             if state.step % t.eval_interval == 0 or finished():
                 evaluate_and_save()
             elif stop.received is not None:
                 save_last()
     if stop.received is not None:
         command = " ".join(shlex.quote(arg) for arg in ["slm", *sys.argv[1:]] if arg != "--force")
-        print(f"slm: stopped by {signal.Signals(stop.received).name} at step {state.step}; the checkpoint is in "
-              f"{run_dir / 'last'}. Resume with: {command}" + ("" if "--resume" in sys.argv else " --resume"),
-              file=sys.stderr)
+        say(f"slm: stopped by {signal.Signals(stop.received).name} at step {state.step}; the checkpoint is in "
+            f"{run_dir / 'last'}. Resume with: {command}" + ("" if "--resume" in sys.argv else " --resume"))
         state.stopped_by = stop.received
         return state
-    print(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds / 60:.1f} min; "
-          f"best val loss {state.best_val_loss:.4f}; checkpoints in {run_dir}/best and {run_dir}/last",
-          file=sys.stderr)
+    say(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds / 60:.1f} min; "
+        f"best val loss {state.best_val_loss:.4f}; checkpoints in {run_dir}/best and {run_dir}/last")
     return state
 
 
@@ -352,9 +372,12 @@ def start(cfg: Config, run_dir: Path, force: bool = False) -> TrainState:
     if not cfg.train.data:
         raise SlmError("no training data: pass --data DIR (a folder made by `slm prepare`)")
     read_meta(cfg.train.data)
-    checkpoint.prepare_run_dir(run_dir, force)
-    checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
-    _print_config(cfg)
+    world, _ = distributed.setup(cfg.train.device)
+    if world.is_main:
+        checkpoint.prepare_run_dir(run_dir, force)
+        checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+        _print_config(cfg)
+    distributed.barrier(world)
     return train(cfg, run_dir)
 
 
@@ -368,8 +391,11 @@ def resume(run_dir: Path, preset: str | None = None, toml_path: str | None = Non
     saved, _ = checkpoint.read_header(folder)
     cfg = resolve(preset, toml_path, flags, base=saved)
     check_resume_changes(saved, cfg)
-    checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
-    _print_config(cfg)
+    world, _ = distributed.setup(cfg.train.device)
+    if world.is_main:
+        checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+        _print_config(cfg)
+    distributed.barrier(world)
     return train(cfg, run_dir, resume_from=folder)
 
 
@@ -378,7 +404,21 @@ def _print_config(cfg: Config) -> None:
         print(f"{section}: " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
 
 
+def launch(nproc: int, argv: list[str]) -> int:
+    """`slm train --nproc N ...`: the same command under torchrun on this machine, nothing more."""
+    if nproc < 1:
+        raise SlmError(f"--nproc must be at least 1 (got {nproc})")
+    rest = [arg for i, arg in enumerate(argv) if arg != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
+            and not arg.startswith("--nproc=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "slm", *rest]
+    print("slm: running " + " ".join(shlex.quote(arg) for arg in command), file=sys.stderr)
+    return subprocess.run(command).returncode
+
+
 def main(args) -> int:
+    if args.nproc:
+        return launch(args.nproc, sys.argv[1:])
     flags = flags_from_args(args)
     if args.resume:
         if args.force:
@@ -386,4 +426,5 @@ def main(args) -> int:
         state = resume(Path(args.out), args.preset, args.config, flags)
     else:
         state = start(resolve(args.preset, args.config, flags), Path(args.out), args.force)
+    distributed.teardown()
     return 128 + state.stopped_by if state.stopped_by else 0

@@ -1,0 +1,69 @@
+"""1 process vs 2 processes (torchrun, gloo): the same global batches, so the same run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def train(data, run, *extra):
+    args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "12",
+            "--eval-interval", "6", "--batch-size", "8", "--micro-batch-size", "2", "--sample-tokens", "0",
+            "--device", "cpu", "--warmup-steps", "3", *extra]
+    result = subprocess.run([sys.executable, "-m", "slm", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def losses(run, key):
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_train_the_same_run_as_one(tmp_path, tiny_data):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(tiny_data, one)
+    result = train(tiny_data, two, "--nproc", "2")
+    assert "torch.distributed.run" in result.stderr and "2 processes" in result.stderr
+
+    assert len(losses(two, "loss")) == 12  # one record per step, written by rank 0 alone
+    assert losses(two, "loss") == pytest.approx(losses(one, "loss"), rel=1e-5)
+    assert losses(two, "val_loss") == pytest.approx(losses(one, "val_loss"), rel=1e-5)
+    a, b = load_file(one / "last" / "model.safetensors"), load_file(two / "last" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_two_process_run_killed_and_resumed_in_one_process_continues_the_same_curve(tmp_path, tiny_data):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    train(tiny_data, reference, "--eval-interval", "3")
+    args = ["train", "--data", str(tiny_data), "--out", str(run), "--preset", "tiny", "--max-steps", "12",
+            "--eval-interval", "3", "--batch-size", "8", "--micro-batch-size", "2", "--sample-tokens", "0",
+            "--device", "cpu", "--warmup-steps", "3", "--nproc", "2"]
+    launcher = subprocess.Popen([sys.executable, "-m", "slm", *args], stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and len(losses(run, "loss")) >= 7):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before the kill"
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and both workers
+    launcher.wait()
+    train(tiny_data, run, "--eval-interval", "3", "--resume")
+    assert losses(run, "loss") == pytest.approx(losses(reference, "loss"), rel=1e-5)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, tiny_data):
+    result = subprocess.run([sys.executable, "-m", "slm", "train", "--data", str(tiny_data), "--out",
+                             str(tmp_path / "r"), "--preset", "tiny", "--batch-size", "6", "--micro-batch-size", "2",
+                             "--device", "cpu", "--nproc", "2"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "must be a multiple of --micro-batch-size (2) x 2 processes" in result.stderr
