@@ -223,6 +223,9 @@ def test_import_refuses_other_architectures_activations_shapes_and_missing_files
                                                                architectures=["LlamaForCausalLM"])] + out)
     assert "'relu'" in error_line(capsys, ["import", variant("relu", activation_function="relu")] + out)
     assert "shape" in error_line(capsys, ["import", variant("wide", n_embd=64)] + out)
+    truncated = Path(variant("truncated")) / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-64])
+    assert "truncated or corrupt" in error_line(capsys, ["import", str(truncated.parent)] + out)
     no_weights = variant("empty")
     (Path(no_weights) / "model.safetensors").unlink()
     assert "model.safetensors" in error_line(capsys, ["import", no_weights] + out)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slm import checkpoint
@@ -99,7 +100,11 @@ def model_config_from_hf(config: dict[str, Any], where: Path) -> ModelConfig:
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").is_file():
-        state = load_file(folder / "model.safetensors")
+        try:
+            state = load_file(folder / "model.safetensors")
+        except (SafetensorError, OSError) as err:
+            raise SlmError(f"{folder / 'model.safetensors'} is truncated or corrupt ({err}); download or "
+                           f"save it again") from None
     elif (folder / "pytorch_model.bin").is_file():
         state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)  # runs no code
     else:
