@@ -78,15 +78,18 @@ def _sha256(path: Path) -> str:
 
 
 def save(run_dir: Path, name: str, model: GPT, cfg: Config, tokenizer: dict[str, Any],
-         trainer_state: dict[str, Any] | None = None, step: int = 0, keep: int = 1) -> Path:
+         trainer_state: dict[str, Any] | None = None, step: int = 0, keep: int = 1,
+         weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write RUN/name/ atomically: build it under a temporary name, then swap it in. The checkpoint it
-    replaces moves to RUN/history/ when `keep` > 1, where only the newest keep - 1 stay."""
+    replaces moves to RUN/history/ when `keep` > 1, where only the newest keep - 1 stay. `weights` is the
+    model's full state dict when the model itself holds only a shard of it (FSDP)."""
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED_HEAD}
+        full = weights if weights is not None else model.state_dict()
+        state = {k: v.detach().contiguous() for k, v in full.items() if k != TIED_HEAD}
         metadata = {"format_version": str(FORMAT_VERSION), "config": cfg.to_json(),
                     "tokenizer": json.dumps(tokenizer)}
         save_file(state, tmp / WEIGHTS, metadata=metadata)

@@ -95,6 +95,8 @@ class TrainConfig:
     dtype: str = _help(f"compute precision: one of {', '.join(DTYPES)} (auto: bfloat16 on CUDA if "
                        "supported, else float16 there; float32 on other devices)", "auto")
     compile: bool = _help("compile the model with torch.compile", False)
+    fsdp: bool = _help("under torchrun, shard parameters, gradients and optimizer state over the processes "
+                       "(FSDP2 fully_shard) instead of replicating them (DDP)", False)
     keep_checkpoints: int = _help("resumable checkpoints kept: RUN/last plus the newest older ones in "
                                   "RUN/history (RUN/best is kept besides)", 2)
     max_bad_steps: int = _help("stop after this many optimizer steps in a row with a non-finite loss or "
@@ -129,7 +131,8 @@ class TrainConfig:
 # Train fields a resumed run may change: budgets, reporting and placement. Everything else would make the
 # resumed run a different run, so changing it on --resume is an error.
 RESUMABLE_CHANGES = frozenset({"data", "max_steps", "max_tokens", "max_minutes", "eval_interval", "eval_batches",
-                               "sample_tokens", "device", "dtype", "compile", "keep_checkpoints", "max_bad_steps"})
+                               "sample_tokens", "device", "dtype", "compile", "fsdp", "keep_checkpoints",
+                               "max_bad_steps"})
 
 
 @dataclass(frozen=True)

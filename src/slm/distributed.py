@@ -7,11 +7,15 @@ variables everything here is a no-op for one process. NCCL on CUDA, gloo on the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from slm.device import pick_device
@@ -51,10 +55,52 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, world: World, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
+    """DDP replicates the model; FSDP2 shards each block and then the rest (embeddings, tied head, final
+    norm) in place, so the optimizer must be built after this."""
     if not world.distributed:
         return model
+    if fsdp:
+        for block in model.transformer.h:
+            fully_shard(block)
+        return fully_shard(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: torch.nn.Module, world: World, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)
+    elif world.distributed and not enabled:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict]:
+    """The full model state dict (None when the model is not sharded: it holds it already) and the full
+    optimizer state keyed by parameter name, whatever the sharding, so a checkpoint resumes with or without
+    FSDP and on any number of processes. A collective under FSDP: every process calls it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
+    weights = get_model_state_dict(model, options=options) if is_sharded(model) else None
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load full_states' optimizer state: through FSDP's loader when sharded, else by mapping parameter
+    names to the optimizer's own order (the name-keyed loader needs a process group)."""
+    if is_sharded(model):
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    groups = [{**saved, "params": [index[name] for name in saved["params"]]} for saved in state["param_groups"]]
+    optimizer.load_state_dict({"state": {index[name]: value for name, value in state["state"].items()},
+                               "param_groups": groups})
 
 
 def total(values: list[float], world: World, device: torch.device) -> list[float]:

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,8 +117,7 @@ def accumulate(model: torch.nn.Module, micro_batches: list[Batch], device: torch
     counted = distributed.total([sum(float((y != IGNORE_INDEX).sum()) for _, y in micro_batches)], world, device)[0]
     local = 0.0
     for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if world.distributed and not last else nullcontext(), autocast(device, dtype):
+        with distributed.gradient_sync(model, world, i == len(micro_batches) - 1), autocast(device, dtype):
             _, loss = model(x, y)
             share = float((y != IGNORE_INDEX).sum()) / max(counted, 1.0)
             scaler.scale(loss * share * world.world_size).backward()
@@ -131,7 +130,8 @@ def step_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     """Unscale (fp16), clip the true gradient norm, step unless it is non-finite, clear; returns the norm
     before clipping (inf or nan when the step was skipped)."""
     scaler.unscale_(optimizer)  # clipping scaled gradients would clip at grad_clip * scale
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     if math.isfinite(norm):
         scaler.step(optimizer)
     scaler.update()  # under fp16 an overflow lowers the scale here
@@ -172,7 +172,8 @@ def estimate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.de
     was_training = model.training
     model.eval()
     losses = []
-    for x, y in batches[world.rank::world.world_size]:
+    # Under FSDP every forward is a collective, so each process scores every batch; else they share them.
+    for x, y in batches if distributed.is_sharded(model) else batches[world.rank::world.world_size]:
         with autocast(device, dtype):
             losses.append(model(x, y)[1].item())
     model.train(was_training)
@@ -256,19 +257,21 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         raw_model.lm_head.set_frequencies(torch.from_numpy(counts).to(device))
         say(f"compact head: the {cfg.model.vocab_head:,} most frequent ids cover "
             f"{counts[raw_model.lm_head.head_ids.cpu().numpy()].sum() / counts.sum():.2%} of the training tokens")
+    saved = checkpoint.load_trainer_state(resume_from) if resume_from is not None else None
+    if resume_from is not None:
+        checkpoint.load_weights(raw_model, resume_from)
+    # FSDP shards the model in place (raw_model included), so the optimizer is built after wrapping.
+    model = distributed.wrap(torch.compile(raw_model) if t.compile else raw_model, world, device, t.fsdp)
     optimizer = build_optimizer(raw_model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = TrainState()
-    if resume_from is not None:
-        saved = checkpoint.load_trainer_state(resume_from)
-        checkpoint.load_weights(raw_model, resume_from)
-        optimizer.load_state_dict(saved["optimizer"])
+    if saved is not None:
+        distributed.load_optimizer_state(raw_model, optimizer, saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved["state"])  # last: it restores the RNG states too
         if world.is_main:
             checkpoint.rewind_metrics(run_dir / "metrics.jsonl", state.step)
         say(f"resuming from {resume_from} at step {state.step}")
-    model = distributed.wrap(torch.compile(raw_model) if t.compile else raw_model, world, device)
 
     tokens_per_step = t.batch_size * cfg.model.block_size
     steps = total_steps(t, tokens_per_step)
@@ -284,12 +287,15 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     progress = tqdm(total=steps, initial=state.step, desc="train", unit="step", file=sys.stderr,
                     dynamic_ncols=True, disable=not world.is_main)
 
-    def save_last() -> None:
+    def save(improved: bool) -> None:
+        weights, optimizer_state = distributed.full_states(raw_model, optimizer)  # every process takes part
         if world.is_main:
-            trainer_state = {"state": state.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict()}
+            trainer_state = {"state": state.state_dict(), "optimizer": optimizer_state, "scaler": scaler.state_dict()}
+            if improved:
+                checkpoint.save(run_dir, "best", raw_model, cfg, tokenizer.identity(), step=state.step,
+                                weights=weights)
             checkpoint.save(run_dir, "last", raw_model, cfg, tokenizer.identity(), trainer_state, state.step,
-                            t.keep_checkpoints)
+                            t.keep_checkpoints, weights)
         distributed.barrier(world)
 
     def evaluate_and_save() -> None:
@@ -301,13 +307,12 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         state.best_val_loss = min(state.best_val_loss, val_loss)
         metrics.write(record)
         say(f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
-        if t.sample_tokens and world.is_main:
+        # Under FSDP every forward is a collective: all processes sample (the same seed, the same text).
+        if t.sample_tokens and (world.is_main or distributed.is_sharded(raw_model)):
             raw_model.eval()
             say("  " + sample_text(raw_model, tokenizer, "", t.sample_tokens, seed=t.seed).strip().replace("\n", " "))
             raw_model.train()
-        if improved and world.is_main:
-            checkpoint.save(run_dir, "best", raw_model, cfg, tokenizer.identity(), step=state.step)
-        save_last()
+        save(improved)
 
     def finished() -> bool:
         return state.step >= steps or bool(t.max_minutes) and state.train_seconds >= t.max_minutes * 60
@@ -351,7 +356,7 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
             if state.step % t.eval_interval == 0 or finished():
                 evaluate_and_save()
             elif stop.received is not None:
-                save_last()
+                save(improved=False)
     if stop.received is not None:
         command = " ".join(shlex.quote(arg) for arg in ["slm", *sys.argv[1:]] if arg != "--force")
         say(f"slm: stopped by {signal.Signals(stop.received).name} at step {state.step}; the checkpoint is in "
