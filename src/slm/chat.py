@@ -111,6 +111,12 @@ def fit_context(messages: list[Message], max_tokens: int) -> list[Message]:
 
 # ---- reading conversations --------------------------------------------------------------------------
 
+def fit_for_answer(messages: list[Message], block_size: int, max_new_tokens: int) -> list[Message]:
+    """The conversation with its oldest turns dropped so that an answer of max_new_tokens, up to half the
+    context, fits after it; a longer answer slides the window over its own beginning."""
+    return fit_context(messages, block_size - min(max_new_tokens, block_size // 2))
+
+
 def check_messages(messages: Any, where: str) -> list[Message]:
     """A list of {"role", "content"} dicts with a known role and text content, a system message only first."""
     if not isinstance(messages, list) or not messages:
@@ -252,8 +258,7 @@ class ChatSession:
     def answer(self, messages: list[Message]) -> Iterator[str]:
         """Stream the text of the next assistant message, which ends at end-of-text. The prompt leaves room
         for an answer of up to half the context; a longer one slides the window over its own beginning."""
-        block_size = self.model.config.block_size
-        fitted = fit_context(messages, block_size - min(self.settings.max_new_tokens, block_size // 2))
+        fitted = fit_for_answer(messages, self.model.config.block_size, self.settings.max_new_tokens)
         for delta in stream(self.model, get_tokenizer(), [prompt_ids(fitted)], self.settings, self.generator):
             yield delta.text
 

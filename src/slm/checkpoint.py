@@ -223,20 +223,24 @@ def checkpoint_dir(run: str | Path, which: str = "best") -> Path:
     return chosen
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] when there is none), skipping a last line cut short by a kill."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
 def rewind_metrics(path: Path, step: int) -> None:
     """Drop the records a killed run wrote after `step` (they are about to be redone) and mark the resume,
     so metrics.jsonl reads as one run with each step recorded once."""
-    kept = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by the kill
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-    kept.append(json.dumps({"event": "resumed", "step": step}))
-    write_text_atomic(path, "\n".join(kept) + "\n")
+    kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
+    kept.append({"event": "resumed", "step": step})
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 class MetricsLog:

@@ -147,13 +147,7 @@ def model_from_hf(folder: Path) -> GPT:
 
 def model_card(run: Path, cfg: Config, name: str) -> str:
     """README.md: what the model was trained on, its config, tokens seen and validation figures."""
-    records = []
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill
-                continue
+    records = checkpoint.read_metrics(run / "metrics.jsonl")
     evals = [r for r in records if "val_loss" in r]
     seen = max((r.get("tokens_seen", 0) for r in records), default=0)
     steps = max((r.get("step", 0) for r in records), default=0)

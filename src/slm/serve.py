@@ -252,10 +252,8 @@ class Server:
             messages = chat.check_messages(body.messages, "request")
         except SlmError as err:
             raise ApiError(400, str(err), "messages") from None
-        # As in `slm chat`: the oldest turns go first, leaving room for an answer of up to half the context.
-        block_size = self.model.config.block_size
-        answer = min(self.max_new_tokens(body), block_size // 2)
-        return [chat.prompt_ids(chat.fit_context(messages, block_size - answer))]
+        fitted = chat.fit_for_answer(messages, self.model.config.block_size, self.max_new_tokens(body))
+        return [chat.prompt_ids(fitted)]
 
     def max_new_tokens(self, body: Sampling) -> int:
         asked = (isinstance(body, ChatRequest) and body.max_completion_tokens) or body.max_tokens
