@@ -75,21 +75,64 @@ def test_exported_random_model_matches_transformers_logits_and_greedy_text(tmp_p
     assert torch.equal(theirs, generate(ours, prompt, 50, temperature=0))
 
 
-def test_exported_trained_run_matches_transformers_and_slm_generate_text(tmp_path, tiny_run, capsys):
-    out = export_hf(tiny_run, tmp_path / "hf")
-    ours, cfg, _ = checkpoint.load_model(checkpoint.checkpoint_dir(tiny_run))
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory, tiny_data) -> dict[int, Path]:
+    """Runs trained 40 steps with a 64-token context: a full head (0) and a compact head of 64 ids (64)."""
+    from slm.config import resolve
+    from slm.train import start
+
+    runs = {}
+    for vocab_head in (0, 64):
+        run = tmp_path_factory.mktemp("trained") / f"head{vocab_head}"
+        train = {"data": str(tiny_data), "max_steps": 40, "eval_interval": 20, "eval_batches": 2,
+                 "sample_tokens": 0, "device": "cpu", "warmup_steps": 5}
+        start(resolve("tiny", flags={"model": {"block_size": 64, "vocab_head": vocab_head}, "train": train}), run)
+        runs[vocab_head] = run
+    return runs
+
+
+@pytest.mark.parametrize("vocab_head", [0, 64], ids=["full-head", "compact-head"])
+def test_exported_trained_run_matches_transformers_and_slm_generate_text(tmp_path, trained_runs, vocab_head,
+                                                                         capsys):
+    run = trained_runs[vocab_head]
+    out = export_hf(run, tmp_path / "hf")
+    ours, _, _ = checkpoint.load_model(checkpoint.checkpoint_dir(run))
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
-    ids = torch.tensor([get_tokenizer().encode("Tom had a ball. Tom liked the ball. The end.")])
+    assert (hf.lm_head.weight is hf.transformer.wte.weight) == (vocab_head == 0)  # the expanded head is untied
+    ids = torch.tensor([get_tokenizer().encode("Tom had a ball. Tom liked the ball. The end. Sam zebra quantum")])
     torch.testing.assert_close(logits_of(hf, ids), logits_of(ours, ids), atol=1e-4, rtol=0)
-    # block_size is 32: "Lily had" is 2 tokens, so 30 new tokens fill the context (not 50). Both stop at
-    # end-of-text: slm generate by design, transformers through generation_config.json's eos_token_id.
-    n = cfg.model.block_size - 2
-    assert main(["generate", str(tiny_run), "--prompt", "Lily had", "--temperature", "0",
-                 "--max-new-tokens", str(n), "--device", "cpu"]) == 0
+    # 50 greedy tokens, end-of-text or not (transformers told not to stop at it)...
+    prompt = torch.tensor([get_tokenizer().encode("Lily had")])
+    hf.generation_config.eos_token_id = None
+    theirs = hf_greedy(hf, prompt, 50)
+    assert theirs.shape[1] == prompt.shape[1] + 50
+    assert torch.equal(theirs, generate(ours, prompt, 50, temperature=0))
+    # ... and `slm generate --temperature 0`, which stops at end-of-text as transformers does by default.
+    assert main(["generate", str(run), "--prompt", "Lily had", "--temperature", "0", "--max-new-tokens", "50",
+                 "--device", "cpu"]) == 0
     slm_text = capsys.readouterr().out
-    theirs = hf_greedy(hf, torch.tensor([get_tokenizer().encode("Lily had")]), n)[0].tolist()
+    hf.generation_config.eos_token_id = EOT_ID
+    theirs = hf_greedy(hf, prompt, 50)[0].tolist()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.decode(theirs, skip_special_tokens=True) == slm_text
+
+
+def test_expanded_compact_head_is_exact_for_any_layer_norm(tmp_path):
+    """The expansion must hold for trained gains and biases, not only for the initial g=1, b=0."""
+    from slm.export import expanded_head
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_head=100)).eval()
+    model.lm_head.set_frequencies(torch.randint(0, 1000, (50257,)).float())
+    with torch.no_grad():
+        model.transformer.ln_f.weight.uniform_(0.2, 2.0).mul_(torch.sign(torch.randn(32)))
+        model.transformer.ln_f.bias.normal_(0, 0.5)
+        model.lm_head.other.normal_(0, 0.5)
+    head, bias = expanded_head(model)
+    x = torch.randn(4, 16, 32) * 3
+    want = model.lm_head(model.transformer.ln_f(x))
+    got = torch.nn.functional.layer_norm(x, (32,), model.transformer.ln_f.weight, bias) @ head.t()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_model_card_records_data_config_tokens_and_validation(tmp_path, tiny_run):
@@ -186,11 +229,11 @@ def error_line(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_export_refuses_bias_free_and_compact_head_models(tmp_path, capsys):
+def test_export_refuses_bias_free_models_and_unknown_formats(tmp_path, capsys):
     assert "bias=False" in error_line(capsys, ["export", str(make_run(tmp_path / "a", bias=False)),
                                                "--out", str(tmp_path / "x")])
-    assert "not supported yet" in error_line(capsys, ["export", str(make_run(tmp_path / "b", vocab_head=64)),
-                                                      "--out", str(tmp_path / "y")])
+    assert "--format" in error_line(capsys, ["export", str(make_run(tmp_path / "b")), "--format", "onnx",
+                                             "--out", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -91,8 +91,15 @@ def _add_checkpoint_choice(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes are one line, like every other slm error, instead of argparse's usage block."""
+
+    def error(self, message: str):
+        raise SlmError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slm", description="Build a small language model from scratch: "
+    parser = OneLineErrorParser(prog="slm", description="Build a small language model from scratch: "
                                      "prepare text, train a GPT, generate, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -252,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         module = importlib.import_module(f"slm.{args.module}")
         return module.main(args) or 0
     except SlmError as err:

@@ -7,6 +7,9 @@ c_attn, c_proj (attention), c_fc and c_proj (MLP). GGUF stores nn.Linear's layou
 convert_hf_to_gguf.py does after transposing those same four back. The tied head is stored once in the HF
 folder (tie_word_embeddings) and written again as GGUF's `output` tensor, one of the tensors gguf's
 MODEL_TENSORS lists for MODEL_ARCH.GPT2 (older llama.cpp builds require it; newer ones accept it).
+
+A compact vocabulary head (model.CompactHead) is exported expanded to an untied (V, C) head whose logits are
+exactly the compact head's full logits; `expanded_head` explains how without a bias.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from slm import checkpoint
 from slm.config import Config, ModelConfig
 from slm.errors import SlmError
-from slm.model import GPT
+from slm.model import GPT, CompactHead
 from slm.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer, vocab_files
 
 GLOBAL = [("transformer.wte.weight", "token_embd.weight", False),
@@ -50,9 +53,38 @@ def table(n_layer: int) -> list[tuple[str, str, bool]]:
 def check_exportable(cfg: ModelConfig) -> None:
     if not cfg.bias:
         raise SlmError("this model has bias=False, which Hugging Face's GPT-2 cannot express; export needs bias=True")
-    if cfg.vocab_head:
-        raise SlmError(f"exporting a compact head (vocab_head={cfg.vocab_head}) is not supported yet: GPT-2's "
-                       f"lm_head has no bias to carry its log q; train with --vocab-head 0 to export")
+
+
+def expanded_head(model: GPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (V, C) head and a final layer norm bias that give a compact head's exact full-vocabulary logits.
+
+    Row i of the head is the vector of i's class (its own embedding, or "other"), and a rare id's logit needs
+    + log q(i) on top; GPT-2's lm_head has no bias for it. But ln_f's output y = n*g + b, with n normalised,
+    sums to zero over channels, so along u = 1/g it is constant: u.y = u.b for every input. The head rides
+    log q on that direction: b' = b + k*g makes u.b' = C, and row i gains s_i*u with
+    s_i = (log q(i) - k*(row_i.g)) / C, which adds exactly log q(i) to logit i (the k*g shift of the bias is
+    paid back in the same s_i). Computed in float64 so the float32 result is exact to rounding."""
+    head, ln_f = model.lm_head, model.transformer.ln_f
+    if not isinstance(head, CompactHead):
+        return model.transformer.wte.weight.detach(), ln_f.bias.detach()
+    g, b = ln_f.weight.detach().double(), ln_f.bias.detach().double()
+    if g.abs().min() < 1e-6:
+        raise SlmError("the final layer norm has a zero gain, so the compact head cannot be expanded exactly "
+                       "for export; fine-tune a few steps more or train with --vocab-head 0")
+    rows = torch.cat([model.transformer.wte.weight.detach()[head.head_ids], head.other.detach()]).double()
+    rows = rows[head.class_of]                                                       # (V, C)
+    C = g.numel()
+    k = 1 - (b / g).sum() / C
+    s = (head.log_q.double() - k * (rows @ g)) / C
+    return (rows + s[:, None] / g).float(), (b + k * g).float()
+
+
+def export_state(model: GPT) -> dict[str, torch.Tensor]:
+    """Every exported tensor by its slm (= HF) name, in nn.Linear's layout, the head as `lm_head.weight`."""
+    state = model.state_dict()
+    tensors = {name: state[name] for name, _, _ in table(model.config.n_layer)}
+    tensors[checkpoint.TIED_HEAD], tensors["transformer.ln_f.bias"] = expanded_head(model)
+    return tensors
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -62,13 +94,18 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
             "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new",
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02, "scale_attn_weights": True,
-            "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "tie_word_embeddings": True, "torch_dtype": "float32"}
+            "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "tie_word_embeddings": not cfg.vocab_head,
+            "torch_dtype": "float32"}
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    return {name: (state[name].t() if conv1d else state[name]).contiguous()
-            for name, _, conv1d in table(model.config.n_layer)}
+    """HF's layout: Conv1D weights transposed; the head stored only when it is not tied to wte."""
+    state = export_state(model)
+    hf = {name: (state[name].t() if conv1d else state[name]).contiguous()
+          for name, _, conv1d in table(model.config.n_layer)}
+    if model.config.vocab_head:
+        hf[checkpoint.TIED_HEAD] = state[checkpoint.TIED_HEAD].contiguous()
+    return hf
 
 
 def model_config_from_hf(config: dict[str, Any], where: Path) -> ModelConfig:
@@ -277,9 +314,9 @@ def export_gguf(run: str | Path, out: str | Path, which: str = "best", dtype: st
     encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
     tokens = sorted(encoder, key=encoder.get)  # GPT-2's byte-level strings, in id order
     merges = [line for line in Path(vocab_bpe).read_text(encoding="utf-8").splitlines()[1:] if line]  # skip #version
-    state = model.state_dict()
+    state = export_state(model)
     tensors = [(gguf_name, state[name]) for name, gguf_name, _ in table(m.n_layer)]
-    tensors.append(("output.weight", state["transformer.wte.weight"]))  # the tied head, as llama.cpp writes it
+    tensors.append(("output.weight", state[checkpoint.TIED_HEAD]))  # written even when tied, as llama.cpp does
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), "gpt2")
