@@ -321,3 +321,27 @@ def test_gguf_export_reads_back_with_llama_cpp_names_metadata_and_weights(tmp_pa
         assert data.shape == want.shape, t.name  # GGUF keeps nn.Linear's (out, in) layout
         assert list(t.shape) == list(reversed(want.shape))  # ggml lists dimensions innermost first
         torch.testing.assert_close(data, want, atol=atol, rtol=0 if dtype == "f32" else 1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vocab_head", [0, 64], ids=["full-head", "compact-head"])
+def test_llama_cpp_runs_the_gguf_export_with_slms_logits_and_greedy_text(tmp_path, trained_runs, vocab_head):
+    """llama.cpp itself as the judge. llama-cpp-python compiles llama.cpp from source (minutes), so it is not
+    in the test extra: `pip install llama-cpp-python` to run this."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    run = trained_runs[vocab_head]
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--dtype", "f32", "--out", str(out)]) == 0
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, seed=0)
+    ids = get_tokenizer().encode("Tom had a ball. Tom liked the ball. The end. Sam zebra quantum")
+    assert llm.tokenize(b"Tom had a ball. Tom liked the ball. The end. Sam zebra quantum", add_bos=False) == ids
+    llm.eval(ids)
+    ours, _, _ = checkpoint.load_model(checkpoint.checkpoint_dir(run))
+    theirs = torch.from_numpy(llm.scores[:len(ids)].copy())
+    torch.testing.assert_close(theirs, logits_of(ours, torch.tensor([ids]))[0], atol=1e-3, rtol=0)
+    llm.reset()
+    text = llm.create_completion("Lily had", max_tokens=50, temperature=0.0)["choices"][0]["text"]
+    prompt = torch.tensor([get_tokenizer().encode("Lily had")])
+    new = generate(ours, prompt, 50, temperature=0)[0, prompt.shape[1]:].tolist()
+    expected = get_tokenizer().decode(new[:new.index(EOT_ID)] if EOT_ID in new else new)
+    assert text == expected

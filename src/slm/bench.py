@@ -1,11 +1,12 @@
-"""`slm bench`: measured throughput of one preset on this machine, printed as a table.
+"""`slm bench`: measured throughput on this machine, printed as a table.
 
-Figures: prepare tokens/s (prepare's own parallel tokenizer on a few MB of the demo corpus), training
-tokens/s (the preset's model and batch through train.py's steps on synthetic tokens, warm-up excluded),
-generation tokens/s with the KV cache and with full recompute at batch 1 and 8 (through generate.py's
-engine), and peak memory; `slm bench generate` (or prepare, train) measures one stage alone. The
-numbers are printed and, with --save, recorded with the machine; tests check that they appear, never
-how large they are.
+Figures: prepare tokens/s (prepare's own parallel tokenizer on a few MB of the demo corpus); training tokens/s
+at nanoGPT's CPU configuration (4 layers x 128, context 128, batch 32, GPT-2's vocabulary) in float32 and
+bfloat16, with the full head and with a compact head of 8,192 ids, and for the chosen preset (each through
+train.py's steps on synthetic tokens, warm-up excluded); generation tokens/s of the preset's model with the
+KV cache and with full recompute at batch 1 and 8 (through generate.py's engine); and peak memory.
+`slm bench nanogpt` (or prepare, train, generate) measures one part alone. The numbers are printed and, with
+--save, recorded with the machine; tests check that they appear, never how large they are.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from slm.checkpoint import write_text_atomic
 from slm.config import Config, flags_from_args, resolve
-from slm.device import keep_freed_memory, pick_device, pick_dtype
+from slm.device import cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
 from slm.errors import SlmError
 from slm.generate import SamplingSettings, decode, make_generator
 from slm.model import GPT
@@ -38,8 +39,11 @@ from slm.train import PretrainBatches, accumulate, build_optimizer, step_optimiz
 PREPARE_CHARS = 4_000_000   # a few MB: long enough that starting the worker processes is noise
 WARMUP_STEPS = 2            # untimed: first-touch allocations, CUDA kernels picked, torch.compile
 SYNTHETIC_TOKENS = 1 << 20  # training windows are drawn from this many random ids
-NEW_TOKENS = 200            # per generation run, or fewer so one context window holds them all
 GENERATE_BATCHES = (1, 8)
+# nanoGPT's CPU configuration, against which the issue's targets are set; config flags still override it.
+NANOGPT = {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "vocab_head": 0, "dropout": 0.0},
+           "train": {"batch_size": 32, "micro_batch_size": 32}}
+NANOGPT_CASES = (("float32", 0), ("bfloat16", 0), ("float32", 8192), ("bfloat16", 8192))  # (dtype, vocab_head)
 
 
 def synchronize(device: torch.device) -> None:
@@ -95,7 +99,7 @@ def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
     """(the trained model, training tokens/s over `steps` optimizer steps after WARMUP_STEPS untimed ones)."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device).train()
-    compiled = torch.compile(model) if cfg.train.compile else model
+    compiled = torch.compile(model) if should_compile(cfg.train.compile, device) else model
     optimizer = build_optimizer(model, cfg.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,68 +144,100 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return maxrss / (2**20 if sys.platform == "darwin" else 2**10), "process max RSS"  # bytes on macOS, KB on Linux
 
 
+def nanogpt_configs(flags: dict[str, dict[str, object]]) -> list[Config]:
+    """NANOGPT_CASES as configs: nanoGPT's shape, then the user's flags, then each case's dtype and head."""
+    return [resolve(flags={"model": {**NANOGPT["model"], **flags.get("model", {}), "vocab_head": vocab_head},
+                           "train": {**NANOGPT["train"], **flags.get("train", {}), "dtype": dtype}})
+            for dtype, vocab_head in NANOGPT_CASES]
+
+
+def train_row(name: str, cfg: Config, device: torch.device, steps: int) -> tuple[GPT, dict[str, object]]:
+    dtype = pick_dtype(cfg.train.dtype, device)
+    model, rate = bench_train(cfg, device, dtype, steps)
+    return model, {"name": name, "model": dataclasses.asdict(cfg.model), "parameters": model.num_parameters(),
+                   "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
+                   "dtype": str(dtype).removeprefix("torch."), "tokens_per_s": rate}
+
+
 def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
-              flags: dict[str, dict[str, object]] | None = None) -> dict[str, object]:
-    """The figures of `what`: all, prepare, train or generate, for the preset with `flags` over it."""
+              flags: dict[str, dict[str, object]] | None = None, new_tokens: int = 200) -> dict[str, object]:
+    """The figures of `what` (all, prepare, nanogpt, train or generate) for the preset with `flags` over it."""
+    flags = flags or {}
     cfg = resolve(preset, flags=flags)
     device = pick_device(device_name)
     keep_freed_memory()
-    dtype = pick_dtype(cfg.train.dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    figures = {}
+    result: dict[str, object] = {"date": datetime.date.today().isoformat(), "preset": preset, "what": what,
+                                 "device": device.type, "native_cpu_bf16": cpu_has_bf16(), "machine": machine(device),
+                                 "warmup_steps": WARMUP_STEPS, "timed_steps": steps}
     if what in ("all", "prepare"):  # first: its worker processes fork before torch has started any threads
-        figures["prepare_tokens_per_s"] = bench_prepare()
+        result["prepare_tokens_per_s"] = bench_prepare()
+    rows = []
+    if what in ("all", "nanogpt"):
+        rows += [train_row("nanoGPT", case, device, steps)[1] for case in nanogpt_configs(flags)]
+    model = None
     if what in ("all", "train"):
-        model, figures["train_tokens_per_s"] = bench_train(cfg, device, dtype, steps)
-    else:
-        torch.manual_seed(cfg.train.seed)
-        model = GPT(cfg.model).to(device)  # untrained: generation speed does not depend on the weights
-    new_tokens = min(NEW_TOKENS, cfg.model.block_size - 1)
+        model, row = train_row(f"preset {preset}", cfg, device, steps)
+        rows.append(row)
+    if rows:
+        result["train"] = rows
     if what in ("all", "generate"):
+        if model is None:
+            torch.manual_seed(cfg.train.seed)
+            model = GPT(cfg.model).to(device)  # untrained: generation speed does not depend on the weights
         model.eval()
-        figures["generate_tokens_per_s"] = {
-            f"{method}_batch_{batch}": bench_generate(model, batch, new_tokens, use_cache)
-            for method, use_cache in (("kv_cache", True), ("recompute", False)) for batch in GENERATE_BATCHES}
-    peak, peak_kind = peak_memory_mb(device)
-    return {"date": datetime.date.today().isoformat(), "preset": preset, "what": what, "device": device.type,
-            "dtype": str(dtype).removeprefix("torch."), "machine": machine(device),
-            "model": dataclasses.asdict(cfg.model), "parameters": model.num_parameters(),
-            "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
-            "warmup_steps": WARMUP_STEPS, "timed_steps": steps, "new_tokens": new_tokens, **figures,
-            "peak_memory_mb": peak, "peak_memory_kind": peak_kind}
+        result["generate"] = {"model": dataclasses.asdict(cfg.model), "parameters": model.num_parameters(),
+                              "new_tokens": new_tokens, "tokens_per_s": {
+                                  f"{method}_batch_{batch}": bench_generate(model, batch, new_tokens, use_cache)
+                                  for method, use_cache in (("kv_cache", True), ("recompute", False))
+                                  for batch in GENERATE_BATCHES}}
+    result["peak_memory_mb"], result["peak_memory_kind"] = peak_memory_mb(device)
+    return result
+
+
+def shape(model: dict, parameters: int) -> str:
+    head = f"compact head {model['vocab_head']:,}" if model.get("vocab_head") else "full head"
+    return f"{model['n_layer']}x{model['n_embd']}, ctx {model['block_size']}, {head}, {parameters / 1e6:.1f}M"
 
 
 def table(r: dict) -> str:
-    m, model = r["machine"], r["model"]
+    m = r["machine"]
     hardware = f"{m['cpu']} ({m['cores']} cores)" + (f", {m['gpu']}" if "gpu" in m else "")
+    bf16 = "" if r["device"] != "cpu" else (" (native bf16)" if r["native_cpu_bf16"] else
+                                            " (no native bf16: PyTorch emulates it)")
     rows = []
     if "prepare_tokens_per_s" in r:
         rows.append(("prepare: tokenize demo text, all cores", r["prepare_tokens_per_s"], "tokens/s"))
-    if "train_tokens_per_s" in r:
-        rows.append((f"train: {r['timed_steps']} steps after {r['warmup_steps']} warm-up", r["train_tokens_per_s"],
-                     "tokens/s"))
-    for name, rate in r.get("generate_tokens_per_s", {}).items():
-        method, batch = name.rsplit("_batch_", 1)
-        method = "KV cache" if method == "kv_cache" else method
-        rows.append((f"generate {r['new_tokens']} tokens, {method}, batch {batch}", rate, "tokens/s"))
+    for row in r.get("train", []):
+        rows.append((f"train {row['name']}: {shape(row['model'], row['parameters'])}, batch {row['batch_size']}, "
+                     f"{row['dtype']}", row["tokens_per_s"], "tokens/s"))
+    if "generate" in r:
+        g = r["generate"]
+        for name, rate in g["tokens_per_s"].items():
+            method, batch = name.rsplit("_batch_", 1)
+            method = "KV cache" if method == "kv_cache" else method
+            rows.append((f"generate {g['new_tokens']} tokens, {method}, batch {batch}", rate, "tokens/s"))
+        for batch in GENERATE_BATCHES:
+            speedup = g["tokens_per_s"][f"kv_cache_batch_{batch}"] / g["tokens_per_s"][f"recompute_batch_{batch}"]
+            rows.append((f"KV cache speed-up, batch {batch}", speedup, "x"))
     rows.append((f"peak memory ({r['peak_memory_kind']})", r["peak_memory_mb"], "MB"))
-    return "\n".join([
-        f"slm bench: preset {r['preset']} on {r['device']} ({r['dtype']}), {r['date']}",
-        f"machine: {hardware}, torch {m['torch']}, Python {m['python']}",
-        f"model: {r['parameters'] / 1e6:.2f}M parameters, {model['n_layer']} layers x {model['n_embd']} wide, "
-        f"context {model['block_size']}, " + (f"compact head of {model['vocab_head']:,} ids" if model.get("vocab_head")
-                                              else "full vocabulary head")
-        + f"; batch {r['batch_size']} x {model['block_size']} tokens",
-        "",
-        *(f"  {label:<44} {value:>12,.0f} {unit}" for label, value, unit in rows),
-    ])
+    lines = [f"slm bench on {r['device']}{bf16}, {r['date']}: {r['timed_steps']} timed training steps after "
+             f"{r['warmup_steps']} warm-up", f"machine: {hardware}, torch {m['torch']}, Python {m['python']}"]
+    if "generate" in r:
+        lines.append(f"generation model: preset {r['preset']}, "
+                     f"{shape(r['generate']['model'], r['generate']['parameters'])}")
+    width = max(len(label) for label, _, _ in rows)
+    return "\n".join(lines + [""] + [f"  {label:<{width}} {value:>10,.{1 if unit == 'x' else 0}f} {unit}"
+                                     for label, value, unit in rows])
 
 
 def main(args) -> int:
     if args.steps < 1:
         raise SlmError(f"--steps must be at least 1 (got {args.steps})")
-    results = run_bench(args.preset, args.steps, args.device, args.what, flags_from_args(args))
+    if args.new_tokens < 1:
+        raise SlmError(f"--new-tokens must be at least 1 (got {args.new_tokens})")
+    results = run_bench(args.preset, args.steps, args.device, args.what, flags_from_args(args), args.new_tokens)
     print(table(results))
     if args.save:
         folder = Path(args.results_dir)

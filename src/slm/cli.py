@@ -40,9 +40,10 @@ EXAMPLES = {
   slm run tinystories --out runs/tinystories            # the real corpus from the hub (GPU recommended)
   slm run assistant                                     # demo base -> instructions -> fine-tune -> scores""",
     "bench": """examples:
-  slm bench --preset cpu
+  slm bench --save                                     # everything; also writes benchmarks/results/*.json
+  slm bench nanogpt                                    # nanoGPT's 4x128 model: float32/bf16, full/compact head
   slm bench generate --preset cpu                      # only generation: KV cache vs recompute, batch 1 and 8
-  slm bench --preset seed --steps 20 --save            # also writes benchmarks/results/DATE-seed-DEVICE.json
+  slm bench --preset seed --steps 20 --device cuda
   slm bench train --preset cpu --vocab-head 0          # any config flag overrides the preset""",
     "make-instructions": """examples:
   slm make-instructions demo --out chat.jsonl --prompts-out prompts.jsonl         # 100 held-out stories
@@ -161,14 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(module="run")
 
     p = _parser(sub, "bench", "measure prepare, training and generation throughput and peak memory")
-    p.add_argument("what", nargs="?", choices=("all", "prepare", "train", "generate"), default="all",
-                   help="measure only this stage (default: all)")
-    p.add_argument("--preset", choices=preset_names(), default="cpu", help="model and batch to measure")
+    p.add_argument("what", nargs="?", choices=("all", "prepare", "nanogpt", "train", "generate"),
+                   default="all", help="measure only this part (default: all)")
+    p.add_argument("--preset", choices=preset_names(), default="cpu", help="model and batch of the train and generate figures (default: cpu)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default: 10)")
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens per generation run (default: 200)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--save", action="store_true", help="also write the results as JSON into --results-dir")
     p.add_argument("--results-dir", default="benchmarks/results",
-                   help="folder for --save's DATE-PRESET-DEVICE.json (default: benchmarks/results)")
+                   help="folder for --save's DATE-PRESET-DEVICE[-PART].json (default: benchmarks/results)")
     add_config_flags(p, exclude=("data", "device"))
     p.set_defaults(module="bench")
 

@@ -26,6 +26,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE = ("auto", "on", "off")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -93,8 +94,10 @@ class TrainConfig:
     seed: int = _help("seed for initialisation, data order and dropout; same seed, same run", 1337)
     device: str = _help(f"where to train: one of {', '.join(DEVICES)} (auto: CUDA, then MPS, then CPU)", "auto")
     dtype: str = _help(f"compute precision: one of {', '.join(DTYPES)} (auto: bfloat16 on CUDA if "
-                       "supported, else float16 there; float32 on other devices)", "auto")
-    compile: bool = _help("compile the model with torch.compile", False)
+                       "supported, else float16 there; bfloat16 on CPUs with native bf16 (AVX-512 BF16 or AMX); "
+                       "float32 elsewhere)", "auto")
+    compile: str = _help(f"torch.compile the model: one of {', '.join(COMPILE)} (auto: on CUDA only; on a "
+                         "CPU it measured slower, see benchmarks/README.md)", "auto")
     fsdp: bool = _help("under torchrun, shard parameters, gradients and optimizer state over the processes "
                        "(FSDP2 fully_shard) instead of replicating them (DDP)", False)
     keep_checkpoints: int = _help("resumable checkpoints kept: RUN/last plus the newest older ones in "
@@ -122,6 +125,8 @@ class TrainConfig:
             raise SlmError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         if self.dtype not in DTYPES:
             raise SlmError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.compile not in COMPILE:
+            raise SlmError(f"--compile must be one of {', '.join(COMPILE)} (got {self.compile!r})")
 
     @property
     def grad_accum_steps(self) -> int:

@@ -30,13 +30,29 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere PyTorch emulates bf16
+    matmuls through float32 conversions, slower than float32 itself. torch.cpu has no public query; these
+    private ones exist since torch 2.1 and are what PyTorch's own tests use."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA where supported, float16 on older GPUs, float32 elsewhere."""
+    """auto: bfloat16 on CUDA where supported (float16 on older GPUs) and on CPUs with native bf16, else
+    float32."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_bf16():
+            return torch.bfloat16
         return torch.float32
     return _DTYPES[name]
+
+
+def should_compile(setting: str, device: torch.device) -> bool:
+    """--compile auto compiles on CUDA only: on CPUs it measured slower than eager (benchmarks/README.md)."""
+    return setting == "on" or setting == "auto" and device.type == "cuda"
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

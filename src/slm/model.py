@@ -125,10 +125,21 @@ class CompactHead(nn.Module):
         self.class_of.copy_(class_of)
         self.log_q.copy_(log_q.to(self.log_q.dtype))
 
+    def class_weight(self) -> torch.Tensor:
+        """(K+1, C): the K frequent ids' embedding rows, then "other". Decoding one token at a time would
+        spend more on gathering these rows than on the matmul, so without autograd the gathered copy is kept
+        until a weight changes (in-place updates bump a tensor's _version; .to() makes new storage)."""
+        if torch.is_grad_enabled():
+            return torch.cat([self.wte[0].weight[self.head_ids], self.other])
+        key = tuple((t.data_ptr(), t._version) for t in (self.wte[0].weight, self.other, self.head_ids))
+        if getattr(self, "_cached_key", None) != key:
+            self._cached_weight = torch.cat([self.wte[0].weight[self.head_ids], self.other])
+            self._cached_key = key
+        return self._cached_weight
+
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, K+1): the K frequent ids, then "other"."""
-        weight = torch.cat([self.wte[0].weight[self.head_ids], self.other])  # (K+1, C)
-        return x @ weight.t()
+        return x @ self.class_weight().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (B, T, V) whose softmax is exactly the head's distribution."""

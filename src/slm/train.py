@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from slm import checkpoint, data, distributed
 from slm.config import Config, TrainConfig, check_resume_changes, flags_from_args, resolve
-from slm.device import autocast, keep_freed_memory, pick_dtype
+from slm.device import autocast, keep_freed_memory, pick_dtype, should_compile
 from slm.distributed import World
 from slm.errors import SlmError
 from slm.model import GPT, IGNORE_INDEX
@@ -261,7 +261,7 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     if resume_from is not None:
         checkpoint.load_weights(raw_model, resume_from)
     # FSDP shards the model in place (raw_model included), so the optimizer is built after wrapping.
-    model = distributed.wrap(torch.compile(raw_model) if t.compile else raw_model, world, device, t.fsdp)
+    model = distributed.wrap(torch.compile(raw_model) if should_compile(t.compile, device) else raw_model, world, device, t.fsdp)
     optimizer = build_optimizer(raw_model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = TrainState()
