@@ -1,5 +1,9 @@
+import dataclasses
+import json
+
 import pytest
 import torch
+from conftest import tiny_config
 
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
@@ -319,3 +323,46 @@ def test_draw_follows_the_probabilities_and_never_picks_an_id_of_probability_zer
     assert share[[0, 2, 6]].tolist() == [0, 0, 0]
     torch.testing.assert_close(share[[1, 3, 4, 5]], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015, rtol=0)
     assert draw(torch.tensor([[0.0, 0.0, 1.0]]).expand(1000, 3), g).unique().tolist() == [2]
+
+
+# bfloat16 keeps 8 significant bits: each rounding is within 2^-8 of the value, and a logit is the sum of
+# many rounded products, so greedy decoding may pick another id only where the top two are closer than this.
+BF16_LOGIT_TOLERANCE = 0.1
+
+
+@pytest.mark.parametrize("vocab_head", [0, 64], ids=["full-head", "compact-head"])
+def test_bfloat16_greedy_text_equals_float32_except_where_the_top_two_logits_are_within_rounding(
+        tiny_data, tmp_path, vocab_head):
+    from slm.train import start
+
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_data, max_steps=60)
+    start(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_head=vocab_head)), run)
+    full, _, _ = load_model(checkpoint_dir(run), "cpu", torch.float32)
+    half, _, _ = load_model(checkpoint_dir(run), "cpu", torch.bfloat16)
+    assert half.transformer.wte.weight.dtype == torch.bfloat16
+    prompt = [get_tokenizer().encode("Lily had a")]
+    settings = SamplingSettings(temperature=0, max_new_tokens=24)
+    ours, theirs = (torch.stack(list(decode(m, prompt, settings)), dim=1)[0] for m in (full, half))
+    context = torch.tensor([prompt[0] + ours.tolist()])
+    with torch.no_grad():
+        logits_32 = full(context)[0][0, len(prompt[0]) - 1:-1]  # (24, V): the logits each new id came from
+        logits_16 = half(context)[0][0, len(prompt[0]) - 1:-1].float()
+    torch.testing.assert_close(logits_16, logits_32, atol=BF16_LOGIT_TOLERANCE, rtol=0.02)
+    differ = (ours != theirs).nonzero()
+    if len(differ):  # after the first difference the contexts differ: only that step can be judged
+        step = differ[0, 0]
+        gap = logits_32[step, ours[step]] - logits_32[step, theirs[step]]
+        assert 0 <= gap <= BF16_LOGIT_TOLERANCE, (step, gap)
+
+
+def test_generate_and_eval_accept_dtype_bfloat16(tiny_run, tiny_data, capsys):
+    assert main(["generate", str(tiny_run), "--prompt", "Tom", "--temperature", "0", "--max-new-tokens", "8",
+                 "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith("Tom")
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["eval", str(tiny_run), "--data", str(tiny_data), "--device", "cpu", "--dtype", dtype,
+                     "--json"]) == 0
+        losses[dtype] = json.loads(capsys.readouterr().out)["loss"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)

@@ -37,7 +37,7 @@ import torch
 
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.config import Config
-from slm.device import pick_device
+from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.generate import SamplingSettings, make_generator, stream
 from slm.model import GPT, IGNORE_INDEX
@@ -336,7 +336,7 @@ def _typed_lines() -> Iterator[str]:
 def main(args) -> int:
     device = pick_device(args.device)
     folder = checkpoint_dir(args.run, args.checkpoint)
-    model, cfg, _ = load_model(folder, device)
+    model, cfg, _ = load_model(folder, device, pick_dtype(args.dtype, device))
     settings = SamplingSettings(args.temperature, args.top_k, max_new_tokens=args.max_new_tokens)
     settings.check(cfg.model.vocab_size)
     session = ChatSession(model, args.system, settings, make_generator(device, args.seed))

@@ -192,12 +192,15 @@ def load_weights(model: GPT, folder: Path) -> None:
         raise SlmError(f"{folder / WEIGHTS} does not match its config (missing {missing}, unexpected {unexpected})")
 
 
-def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu") -> tuple[GPT, Config, dict[str, Any]]:
-    """Rebuild the model of a checkpoint folder; returns (model in eval mode, config, tokenizer identity)."""
+def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[GPT, Config, dict[str, Any]]:
+    """Rebuild the model of a checkpoint folder; returns (model in eval mode, config, tokenizer identity).
+    Generation loads its weights in the compute dtype (half the memory, no per-step casts); evaluation
+    keeps float32 weights and autocasts, so norms and the loss accumulate in float32."""
     cfg, tokenizer = read_header(checkpoint_dir)
     model = GPT(cfg.model)
     load_weights(model, checkpoint_dir)
-    return model.to(device).eval(), cfg, tokenizer
+    return model.to(device=device, dtype=dtype).eval(), cfg, tokenizer
 
 
 def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from slm.config import add_config_flags, preset_names
+from slm.config import DTYPES, add_config_flags, preset_names
 from slm.errors import SlmError
 
 EXAMPLES = {
@@ -89,7 +89,13 @@ def _add_checkpoint_choice(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder written by `slm train`")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of the run to load (default: best)")
+    _add_placement(p)
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute precision (default: auto: bfloat16 "
+                   "on CUDA and on CPUs with native bf16, float32 elsewhere)")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -214,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders to compare, e.g. the base and the fine-tune")
     p.add_argument("--prompts", required=True, help="held-out prompts written by `slm make-instructions --prompts-out`")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="checkpoint of each run (default: best)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    _add_placement(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")

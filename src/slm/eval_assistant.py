@@ -22,7 +22,7 @@ import torch
 
 from slm.chat import Message, check_messages, prompt_ids
 from slm.checkpoint import checkpoint_dir, load_model
-from slm.device import pick_device
+from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.generate import SamplingSettings, complete, make_generator
 from slm.instructions import EVAL_KINDS, uses_word
@@ -75,9 +75,10 @@ def read_prompts(path: str | Path) -> list[tuple[dict[str, Any], list[Message]]]
 
 
 def score_run(folder: Path, prompts: list[tuple[dict[str, Any], list[Message]]], device: torch.device,
-              settings: SamplingSettings, seed: int, batch_size: int) -> dict[str, float | None]:
+              settings: SamplingSettings, seed: int, batch_size: int,
+              dtype: torch.dtype = torch.float32) -> dict[str, float | None]:
     """Each score of one checkpoint over the prompts (None for a kind the prompts do not have)."""
-    model, cfg, _ = load_model(folder, device)
+    model, cfg, _ = load_model(folder, device, dtype)
     settings.check(cfg.model.vocab_size)
     generator = make_generator(device, seed)
     results: dict[str, list[float]] = {score: [] for score in SCORES}
@@ -113,7 +114,8 @@ def main(args) -> int:
     settings = SamplingSettings(args.temperature, args.top_k, max_new_tokens=args.max_new_tokens)
     results = []
     for run, folder in zip(args.runs, folders):
-        scores = score_run(folder, prompts, device, settings, args.seed, args.batch_size)
+        scores = score_run(folder, prompts, device, settings, args.seed, args.batch_size,
+                           pick_dtype(args.dtype, device))
         results.append({"run": str(run), "checkpoint": str(folder), **scores})
     counts = {kind: sum(row["kind"] == kind for row, _ in prompts) for kind in EVAL_KINDS}
     if args.json:

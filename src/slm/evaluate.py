@@ -116,7 +116,7 @@ def main(args) -> int:
     keep_freed_memory()
     model, cfg, model_tokenizer = load_model(chosen, device)
     check_data_matches({"tokenizer": tokenizer}, cfg, model_tokenizer)
-    total_nats, n_predicted = evaluate_tokens(model, tokens, args.batch_size, device, pick_dtype("auto", device))
+    total_nats, n_predicted = evaluate_tokens(model, tokens, args.batch_size, device, pick_dtype(args.dtype, device))
     results = report(total_nats, n_predicted, n_bytes)
     print(json.dumps(results) if args.json else table(results, chosen, source))
     return 0

@@ -329,11 +329,11 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
 
 def main(args) -> int:
     from slm.checkpoint import checkpoint_dir, load_model
-    from slm.device import pick_device
+    from slm.device import pick_device, pick_dtype
     from slm.tokenizer import get_tokenizer
 
     device = pick_device(args.device)
-    model, cfg, _ = load_model(checkpoint_dir(args.run, args.checkpoint), device)
+    model, cfg, _ = load_model(checkpoint_dir(args.run, args.checkpoint), device, pick_dtype(args.dtype, device))
     tokenizer = get_tokenizer()
     if args.num_samples < 1:
         raise SlmError(f"--num-samples must be at least 1 (got {args.num_samples})")

@@ -61,7 +61,7 @@ except ImportError as err:
 
 from slm import chat
 from slm.checkpoint import checkpoint_dir, load_model
-from slm.device import pick_device
+from slm.device import pick_device, pick_dtype
 from slm.generate import MAX_NEW_TOKENS, SamplingSettings, TextDelta, make_generator, stream
 from slm.model import GPT
 from slm.tokenizer import Tokenizer, get_tokenizer
@@ -362,7 +362,8 @@ class BodyLimit:
 # ---- the app ----------------------------------------------------------------------------------------------------
 
 def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", api_key: str | None = None,
-               max_tokens: int = 512, max_batch: int = 16, max_body_bytes: int = 1_000_000) -> FastAPI:
+               max_tokens: int = 512, max_batch: int = 16, max_body_bytes: int = 1_000_000,
+               dtype: str = "auto") -> FastAPI:
     """The FastAPI app serving RUN's checkpoint; its worker thread runs while the app does (lifespan)."""
     if not 1 <= max_tokens <= MAX_NEW_TOKENS:
         raise SlmError(f"--max-tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_tokens})")
@@ -373,7 +374,8 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
     if max_body_bytes < 1:
         raise SlmError(f"--max-body-bytes must be at least 1 (got {max_body_bytes})")
     folder = checkpoint_dir(run, checkpoint)
-    model, _, _ = load_model(folder, pick_device(device))
+    placement = pick_device(device)
+    model, _, _ = load_model(folder, placement, pick_dtype(dtype, placement))
     created = int((folder / "model.safetensors").stat().st_mtime)
     server = Server(model, Path(run).resolve().name, created, max_tokens, max_batch)
     page = resources.files("slm").joinpath("chat.html").read_text(encoding="utf-8")
@@ -474,7 +476,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
 
 def main(args) -> int:
     app = create_app(args.run, args.checkpoint, args.device, args.api_key, args.max_tokens, args.max_batch,
-                     args.max_body_bytes)
+                     args.max_body_bytes, args.dtype)
     server, url = app.state.server, f"http://{args.host}:{args.port}"
     print(f"slm: serving {server.model_id} ({server.model.config.block_size}-token context): the chat page at "
           f"{url}/, the OpenAI API at {url}/v1", flush=True)
