@@ -84,3 +84,12 @@ def test_bad_toml_file_is_a_clear_error(tmp_path):
 
 def test_head_dim_is_derived():
     assert ModelConfig(n_embd=64, n_head=4).head_dim == 16
+
+
+def test_runs_saved_when_compile_was_a_bool_still_load():
+    from slm.config import Config
+
+    assert Config.from_dict({"train": {"compile": False}}).train.compile == "off"
+    assert Config.from_dict({"train": {"compile": True}}).train.compile == "on"
+    with pytest.raises(SlmError, match="--compile must be one of auto, on, off"):
+        Config.from_dict({"train": {"compile": "sometimes"}})

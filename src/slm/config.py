@@ -168,6 +168,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+# Values that older runs saved and that mean something else now: (section, field, old value) -> new value.
+RENAMED_VALUES: dict[tuple[str, str, Any], Any] = {("train", "compile", True): "on", ("train", "compile", False): "off"}
 
 
 def merge(cfg: Config, layer: dict[str, Any], source: str) -> Config:
@@ -181,7 +183,7 @@ def merge(cfg: Config, layer: dict[str, Any], source: str) -> Config:
             if key not in known:
                 raise SlmError(f"unknown field {key!r} in [{section}] of {source}; "
                                f"known fields: {', '.join(known)}")
-            values[key] = _coerce(value, known[key], source)
+            values[key] = _coerce(RENAMED_VALUES.get((section, key, value), value), known[key], source)
         updated[section] = dataclasses.replace(getattr(cfg, section), **values)
     return dataclasses.replace(cfg, **updated)
 

@@ -1,0 +1,75 @@
+"""The `cpu` preset search: train each candidate for the same wall-clock budget, score it on held-out text.
+
+    python benchmarks/cpu_search.py ../shared/data/tinystories-sample --minutes 3 --out /tmp/search
+
+Each candidate is the `cpu` preset with a few flags changed. It is trained with `slm train --max-minutes`
+on the folder's train.txt (prepared once) and scored with `slm eval` on valid.txt in bits per byte, the
+figure the preset is chosen by. Results go to OUT/results.jsonl (one line per candidate, kept across
+invocations so an interrupted search continues) and print as a Markdown table, best first. Runs are
+sequential on purpose: two at once would share the cores and each would get fewer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# name -> flags over the `cpu` preset. Shape, context, batch, learning rate and the compact head's size.
+CANDIDATES = {
+    "preset": [],
+    "3 layers": ["--n-layer", "3"],
+    "6 layers": ["--n-layer", "6"],
+    "width 192": ["--n-embd", "192", "--n-head", "3"],
+    "width 320": ["--n-embd", "320", "--n-head", "5"],
+    "context 64, batch 64": ["--block-size", "64", "--batch-size", "64", "--micro-batch-size", "32"],
+    "batch 16": ["--batch-size", "16", "--micro-batch-size", "16"],
+    "lr 3e-3": ["--learning-rate", "3e-3", "--min-learning-rate", "3e-4"],
+    "lr 1e-3": ["--learning-rate", "1e-3", "--min-learning-rate", "1e-4"],
+    "head 2,048": ["--vocab-head", "2048"],
+    "head 8,192": ["--vocab-head", "8192"],
+}
+
+
+def slm(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "slm", *args], check=True, capture_output=True, text=True).stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("corpus", type=Path, help="folder with train.txt and valid.txt")
+    parser.add_argument("--out", type=Path, required=True, help="working folder: prepared data, runs, results")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per candidate")
+    parser.add_argument("--only", nargs="*", choices=list(CANDIDATES), help="run only these candidates")
+    args = parser.parse_args()
+    data, results = args.out / "data", args.out / "results.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (data / "meta.json").is_file():
+        slm("prepare", str(args.corpus / "train.txt"), "--out", str(data), "--val-fraction", "0.02")
+    done = {(r["name"], r["minutes"]) for r in map(json.loads, results.read_text().splitlines())} \
+        if results.is_file() else set()
+    for name in args.only or CANDIDATES:
+        if (name, args.minutes) in done:
+            continue
+        run = args.out / f"{name.replace(' ', '-').replace(',', '')}-{args.minutes:g}min"
+        slm("train", "--preset", "cpu", "--data", str(data), "--out", str(run), "--force", "--sample-tokens", "0",
+            "--max-minutes", str(args.minutes), *CANDIDATES[name])
+        scores = json.loads(slm("eval", str(run), "--data", str(args.corpus / "valid.txt"), "--json"))
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        tokens = max(r.get("tokens_seen", 0) for r in steps)
+        record = {**scores, "name": name, "flags": CANDIDATES[name], "minutes": args.minutes, "trained_tokens": tokens}
+        with results.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{name}: {scores['bits_per_byte']:.4f} bits per byte after {tokens:,} tokens", file=sys.stderr)
+    rows = sorted(map(json.loads, results.read_text().splitlines()), key=lambda r: r["bits_per_byte"])
+    print("| candidate | flags over `cpu` | minutes | tokens trained | bits per byte | loss |\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['name']} | `{' '.join(r['flags'])}` | {r['minutes']:g} | {r['trained_tokens']:,} | "
+              f"{r['bits_per_byte']:.4f} | {r['loss']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
