@@ -32,7 +32,8 @@ def model_card(run: Path, cfg: Config, parameters: int, sample: str = "") -> str
     validation = (f"best loss {best['val_loss']:.4f} at step {best['step']:,}"
                   + (f" ({best['val_bpb']:.4f} bits per byte)" if "val_bpb" in best else "")) if best else "none yet"
     m = cfg.model
-    rows = "\n".join(f"| {section} | {k} | {v} |" for section, fields in cfg.to_dict().items() for k, v in fields.items())
+    rows = "\n".join(f"| {section} | {k} | {v} |"
+                     for section, fields in cfg.to_dict().items() for k, v in fields.items())
     return (f"# {run.name}\n\nA GPT-2-style language model trained from scratch with slm.\n\n"
             f"- Training data: {training_data(run, cfg)}\n"
             f"- Model: {parameters / 1e6:.2f}M parameters, {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads, "

@@ -298,8 +298,8 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         f"{steps:,} steps" + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
 
     log = RunLog(run_dir, cfg, raw_model.num_parameters(), state.step, enabled=world.is_main)
-    progress = tqdm(total=expected_steps(state, t, steps), initial=state.step, desc="train", unit="step", file=sys.stderr,
-                    dynamic_ncols=True, disable=not world.is_main)
+    progress = tqdm(total=expected_steps(state, t, steps), initial=state.step, desc="train", unit="step",
+                    file=sys.stderr, dynamic_ncols=True, disable=not world.is_main)
 
     def save(improved: bool) -> None:
         weights, optimizer_state = distributed.full_states(raw_model, optimizer)  # every process takes part
