@@ -109,3 +109,18 @@ def test_a_compact_head_round_trips_with_its_frequency_tables(tmp_path):
     ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(ids)[0], model(ids)[0])
     assert torch.equal(loaded.lm_head.head_ids, torch.arange(8))
+
+
+def test_strict_metrics_reading_rejects_a_bad_line_but_skips_a_last_line_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert checkpoint.read_metrics(path, strict=True) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    assert checkpoint.read_metrics(path) == [{"step": 1}, {"step": 3}]
+    with pytest.raises(SlmError, match="line 2, is not a JSON object"):
+        checkpoint.read_metrics(path, strict=True)
+
+
+def test_the_manifest_counts_the_parameters(tmp_path, model):
+    checkpoint.save(tmp_path, "best", model, CFG, {})
+    assert json.loads((tmp_path / "best" / "manifest.json").read_text())["parameters"] == model.num_parameters()

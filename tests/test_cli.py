@@ -18,7 +18,8 @@ def test_python_dash_m_slm_works():
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "generate", "eval", "run", "bench", "make-instructions",
-                                     "finetune", "chat", "eval-assistant", "serve", "export", "import"])
+                                     "finetune", "chat", "eval-assistant", "serve", "export", "import",
+                                     "plot", "runs"])
 def test_every_command_shows_examples_in_its_help(command, capsys):
     with pytest.raises(SystemExit) as exit:
         build_parser().parse_args([command, "--help"])

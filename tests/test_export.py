@@ -344,4 +344,5 @@ def test_llama_cpp_runs_the_gguf_export_with_slms_logits_and_greedy_text(tmp_pat
     prompt = torch.tensor([get_tokenizer().encode("Lily had")])
     new = generate(ours, prompt, 50, temperature=0)[0, prompt.shape[1]:].tolist()
     expected = get_tokenizer().decode(new[:new.index(EOT_ID)] if EOT_ID in new else new)
+    llm.close()
     assert text == expected

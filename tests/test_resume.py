@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config, write_prepared
-from slm import checkpoint
+from slm import checkpoint, runs
 from slm.cli import main
 from slm.errors import SlmError
 from slm.train import PretrainBatches, resume, start
@@ -88,6 +88,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_says_how_to_resume(t
     saved_step = json.loads((run / "last" / "manifest.json").read_text())["step"]
     assert saved_step == max(step_losses(run)) >= 3
     checkpoint.verify(run / "last")
+    assert runs.status(run, records(run)) == "interrupted" and not (run / runs.PID_FILE).exists()
 
 
 def test_a_corrupt_last_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, tiny_data, capsys):

@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_config
 from slm.config import ModelConfig, TrainConfig
 from slm.model import GPT
-from slm.train import (accumulate, build_optimizer, learning_rate, start, step_optimizer, total_steps)
+from slm.train import (TrainState, accumulate, build_optimizer, expected_steps, learning_rate, start, step_optimizer,
+                       total_steps)
 
 SCHEDULE = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=110)
 
@@ -17,6 +18,15 @@ def test_learning_rate_warms_up_linearly_to_the_peak():
     assert learning_rate(0, 0.0, SCHEDULE) == pytest.approx(1e-4)
     assert learning_rate(4, 0.0, SCHEDULE) == pytest.approx(5e-4)
     assert learning_rate(SCHEDULE.warmup_steps, 0.0, SCHEDULE) == SCHEDULE.learning_rate
+
+
+def test_the_progress_bar_expects_the_step_budget_or_where_the_time_budget_runs_out():
+    by_steps, by_time = TrainConfig(max_steps=1000), TrainConfig(max_steps=1000, max_minutes=2)
+    assert expected_steps(TrainState(step=10, train_seconds=60.0), by_steps, 1000) == 1000
+    assert expected_steps(TrainState(), by_time, 1000) == 1000  # no pace measured yet
+    assert expected_steps(TrainState(step=10, train_seconds=60.0), by_time, 1000) == 20  # 6 s a step, 60 s left
+    assert expected_steps(TrainState(step=10, train_seconds=60.0), by_time, 15) == 15  # the steps run out first
+    assert expected_steps(TrainState(step=30, train_seconds=125.0), by_time, 1000) == 30  # the time is up
 
 
 def test_learning_rate_decays_by_cosine_to_the_floor_and_stays_there():
@@ -91,8 +101,12 @@ def test_a_tiny_run_lowers_validation_loss_and_writes_its_files(tiny_run):
     assert [r["step"] for r in steps] == list(range(1, 31))
     assert all({"lr", "tokens_per_s", "grad_norm"} <= r.keys() for r in steps)
     assert [r["step"] for r in evals] == [15, 30]
+    assert records[-1] == {"event": "finished", "step": 30, "tokens_seen": 30 * 8 * 32,
+                           "wall_seconds": records[-1]["wall_seconds"]}
+    assert 0 < records[-1]["wall_seconds"] >= max(r["wall_seconds"] for r in steps)
     assert evals[-1]["val_loss"] < math.log(50257) - 3
-    for name in ("config.toml", "best/model.safetensors", "last/model.safetensors", "last/trainer.pt"):
+    for name in ("config.toml", "best/model.safetensors", "last/model.safetensors", "last/trainer.pt", "README.md",
+                 "curves.png"):
         assert (tiny_run / name).is_file()
 
 

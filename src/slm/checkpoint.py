@@ -5,13 +5,15 @@
     RUN/best/             the checkpoint with the lowest validation loss so far
     RUN/last/             the newest checkpoint, with optimizer and trainer state for resuming
     RUN/history/step-N/   older `last` checkpoints, the newest keep_checkpoints - 1 of them
+    RUN/README.md         the model card; RUN/curves.png its figure; RUN/tb/ TensorBoard's logs (runlog.py)
 
 A checkpoint folder holds `model.safetensors` (the weights, the tied head stored once; the config and
 tokenizer identity in its metadata) and, for `last`, `trainer.pt` (optimizer and trainer state, read with
 `torch.load(weights_only=True)`, so nothing in a checkpoint can run code), and `manifest.json` with the
-step and a SHA-256 of each file, so a truncated or corrupted checkpoint is detected before it is used. Each
-folder is written under a temporary name, flushed, then renamed into place: a crash at any moment leaves
-the previous checkpoint intact (in `last/`, or moved to `history/` just before the new one took its place).
+step, the parameter count and a SHA-256 of each file, so a truncated or corrupted checkpoint is detected
+before it is used. Each folder is written under a temporary name, flushed, then renamed into place: a crash
+at any moment leaves the previous checkpoint intact (in `last/`, or moved to `history/` just before the new
+one took its place).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def save(run_dir: Path, name: str, model: GPT, cfg: Config, tokenizer: dict[str,
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
         files = {file.name: _sha256(file) for file in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}), encoding="utf-8")
+        manifest = {"step": step, "parameters": model.num_parameters(), "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
         for file in tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
@@ -226,15 +229,24 @@ def checkpoint_dir(run: str | Path, which: str = "best") -> Path:
     return chosen
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl ([] when there is none), skipping a last line cut short by a kill."""
+def read_metrics(path: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] when there is none). A last line cut short by a kill (it has no
+    newline yet) is skipped; so is any other line that is not a JSON object, unless `strict` makes that an
+    error."""
     records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
+    lines = path.read_text(encoding="utf-8").split("\n") if path.is_file() else []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif strict and number < len(lines):
+            raise SlmError(f"{path}, line {number}, is not a JSON object ({line[:60]!r}); metrics.jsonl holds "
+                           f"one object per line, as slm train writes it")
     return records
 
 

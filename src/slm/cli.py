@@ -26,6 +26,7 @@ EXAMPLES = {
   slm train --config runs/demo/config.toml --out runs/again
   slm train --data data/demo --out runs/demo --preset cpu --resume     # continue after a stop or a crash
   slm train --data data/demo --out runs/ddp --nproc 2                  # data parallel: torchrun, 2 processes
+  slm train --data data/demo --out runs/demo --preset cpu --tensorboard   # then: tensorboard --logdir runs
   torchrun --nproc_per_node 8 -m slm train --data data/ts --out runs/ts --preset seed   # the same, by hand""",
     "generate": """examples:
   slm generate runs/demo --prompt "Once upon a time" --max-new-tokens 200
@@ -35,6 +36,13 @@ EXAMPLES = {
     "eval": """examples:
   slm eval runs/demo --data data/demo                   # the prepared validation split
   slm eval runs/demo --data valid.txt --json            # any raw .txt or .jsonl file""",
+    "plot": """examples:
+  slm plot runs/demo --out curves.png                   # loss, bits per byte, LR, tokens/s vs steps and tokens
+  slm plot runs/a runs/b runs/c --out compare.png       # several runs overlaid
+  slm plot runs/demo/metrics.jsonl --out demo.svg       # a metrics file; .png, .svg or .pdf""",
+    "runs": """examples:
+  slm runs                                              # every run under runs/
+  slm runs experiments/                                 # or under another folder""",
     "run": """examples:
   slm run demo                                          # offline: prepare, train (CPU, <10 min), generate
   slm run tinystories --out runs/tinystories            # the real corpus from the hub (GPU recommended)
@@ -156,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(module="evaluate")
+
+    p = _parser(sub, "plot", "draw the training curves of one or more runs into an image")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder made by `slm train` (or its metrics.jsonl)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="image to write (.png, .svg or .pdf)")
+    p.set_defaults(module="plot")
+
+    p = _parser(sub, "runs", "list the runs under a folder: size, tokens, best validation loss, time, status")
+    p.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    p.set_defaults(module="runs")
 
     p = _parser(sub, "run", "run a whole pipeline: prepare, train, generate (or fine-tune an assistant)")
     p.add_argument("pipeline", choices=("demo", "tinystories", "assistant"), help="which pipeline")

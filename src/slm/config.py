@@ -104,6 +104,8 @@ class TrainConfig:
                                   "RUN/history (RUN/best is kept besides)", 2)
     max_bad_steps: int = _help("stop after this many optimizer steps in a row with a non-finite loss or "
                                "gradient (each is skipped)", 5)
+    tensorboard: bool = _help("also log the scalars and evaluation samples for TensorBoard, in RUN/tb "
+                              "(view them with: tensorboard --logdir runs)", False)
 
     def __post_init__(self) -> None:
         _positive("train", batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
@@ -137,7 +139,7 @@ class TrainConfig:
 # resumed run a different run, so changing it on --resume is an error.
 RESUMABLE_CHANGES = frozenset({"data", "max_steps", "max_tokens", "max_minutes", "eval_interval", "eval_batches",
                                "sample_tokens", "device", "dtype", "compile", "fsdp", "keep_checkpoints",
-                               "max_bad_steps"})
+                               "max_bad_steps", "tensorboard"})
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slm import checkpoint
+from slm.card import hub_card
 from slm.config import Config, ModelConfig
 from slm.errors import SlmError
 from slm.model import GPT, CompactHead
+from slm.plot import CURVES
 from slm.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer, vocab_files
 
 GLOBAL = [("transformer.wte.weight", "token_embd.weight", False),
@@ -182,31 +184,6 @@ def model_from_hf(folder: Path) -> GPT:
 
 # ---- the Hugging Face folder ------------------------------------------------------------------------------
 
-def model_card(run: Path, cfg: Config, name: str) -> str:
-    """README.md: what the model was trained on, its config, tokens seen and validation figures."""
-    records = checkpoint.read_metrics(run / "metrics.jsonl")
-    evals = [r for r in records if "val_loss" in r]
-    seen = max((r.get("tokens_seen", 0) for r in records), default=0)
-    steps = max((r.get("step", 0) for r in records), default=0)
-    data = cfg.train.data or "(not recorded)"
-    if (run / "finetune.json").is_file():
-        recipe = json.loads((run / "finetune.json").read_text(encoding="utf-8"))
-        data = f"fine-tuned from {recipe.get('base')} on the chat data {recipe.get('data')}"
-    rows = "\n".join(f"| {section} | {k} | {v} |"
-                     for section, fields in cfg.to_dict().items() for k, v in fields.items())
-    best = min(evals, key=lambda r: r["val_loss"]) if evals else None
-    figures = (f"best validation loss {best['val_loss']:.4f} at step {best['step']}"
-               + (f" ({best['val_bpb']:.4f} bits per byte)" if "val_bpb" in best else "")) if best else "none recorded"
-    return (f"---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [slm, gpt2]\n---\n\n"
-            f"# {name}\n\nA GPT-2-style model trained from scratch with slm and exported with `slm export`.\n\n"
-            f"- Training data: {data}\n- Tokens seen: {seen:,}\n- Validation: {figures}\n"
-            f"- Optimizer steps: {steps:,}\n- Tokenizer: GPT-2 BPE (50,257 ids)\n\n"
-            f"## Config (slm's config.toml)\n\n| section | field | value |\n|---|---|---|\n{rows}\n\n"
-            f"```python\nfrom transformers import pipeline\n"
-            f"generator = pipeline(\"text-generation\", model=\"{name}\")\n"
-            f"print(generator(\"Once upon a time\")[0][\"generated_text\"])\n```\n")
-
-
 def write_hf_folder(model: GPT, out: Path, chat: bool, card: str) -> None:
     """Every file of the HF folder, into `out` (a fresh temporary folder)."""
     cfg = model.config
@@ -252,11 +229,13 @@ def export_hf(run: str | Path, out: str | Path, which: str = "best", force: bool
     run, out = Path(run), Path(out)
     model, cfg, _ = checkpoint.load_model(checkpoint.checkpoint_dir(run, which))
     check_exportable(cfg.model)
-    card = model_card(run, cfg, out.name)
+    card = hub_card(run, cfg, model.num_parameters(), out.name)
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
         write_hf_folder(model, tmp, chat=(run / "finetune.json").is_file(), card=card)
+        if (run / CURVES).is_file():  # the card shows it
+            shutil.copyfile(run / CURVES, tmp / CURVES)
     write_atomically(out, force, write)
     return out
 

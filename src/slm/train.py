@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import shlex
 import signal
@@ -47,6 +46,7 @@ class TrainState:
     tokens_seen: int = 0               # training tokens consumed, over all processes
     best_val_loss: float = math.inf
     train_seconds: float = 0.0         # time spent training, summed over resumes
+    wall_seconds: float = 0.0          # the same plus evaluations and checkpoints: the run's wall time
     warmup_end_seconds: float = 0.0    # train_seconds when warm-up ended (a time budget decays after it)
     skipped_steps: int = 0             # steps whose non-finite loss or gradient was not applied
     bad_steps_in_row: int = 0
@@ -80,6 +80,15 @@ def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
     if cfg.max_tokens:
         return min(cfg.max_steps, math.ceil(cfg.max_tokens / tokens_per_step))
     return cfg.max_steps
+
+
+def expected_steps(state: TrainState, cfg: TrainConfig, steps: int) -> int:
+    """The step the run should end at: the step budget, or the step where a time budget runs out at the mean
+    pace so far (the progress bar's total, so its time left is right under --max-minutes too)."""
+    if not cfg.max_minutes or not state.step:
+        return steps
+    left = max(cfg.max_minutes * 60 - state.train_seconds, 0.0)
+    return min(steps, state.step + math.ceil(left / (state.train_seconds / state.step)))
 
 
 def learning_rate(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -226,6 +235,8 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     windows of cfg.train.data); fine-tuning passes its own batches and a pretrained `init_model`;
     `resume_from` is a checkpoint folder whose model, optimizer and trainer state the run continues from."""
     from slm.generate import sample_text
+    from slm.runlog import RunLog
+    from slm.runs import duration
     from slm.tokenizer import get_tokenizer
 
     t = cfg.train
@@ -242,6 +253,9 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     val_batches = val_batches if val_batches is not None else validation_batches(t.data, cfg, device)
     bytes_per_token = (meta["splits"]["validation"]["bytes"] / max(meta["splits"]["validation"]["tokens"], 1)
                        if meta else None)
+
+    def bits_per_byte(loss: float) -> float:
+        return loss / math.log(2) / bytes_per_token
 
     def say(message: str) -> None:  # once, from the first process
         if world.is_main:
@@ -283,9 +297,9 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         f"step = {world.world_size} process(es) x {accum} micro-batches of {t.micro_batch_size} | up to "
         f"{steps:,} steps" + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
 
-    metrics = checkpoint.MetricsLog(run_dir / "metrics.jsonl" if world.is_main else Path(os.devnull))
-    progress = tqdm(total=steps, initial=state.step, desc="train", unit="step", file=sys.stderr,
-                    dynamic_ncols=True, disable=not world.is_main)
+    log = RunLog(run_dir, cfg, raw_model.num_parameters(), state.step, enabled=world.is_main)
+    progress = tqdm(total=expected_steps(state, t, steps), initial=state.step, desc="train", unit="step",
+                    file=sys.stderr, dynamic_ncols=True, disable=not world.is_main)
 
     def save(improved: bool) -> None:
         weights, optimizer_state = distributed.full_states(raw_model, optimizer)  # every process takes part
@@ -302,22 +316,25 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         val_loss = estimate_loss(model, val_batches, device, dtype, world)
         record: dict[str, Any] = {"step": state.step, "val_loss": val_loss, "tokens_seen": state.tokens_seen}
         if bytes_per_token:
-            record["val_bpb"] = val_loss / math.log(2) / bytes_per_token
+            record["val_bpb"] = bits_per_byte(val_loss)
         improved = val_loss < state.best_val_loss
         state.best_val_loss = min(state.best_val_loss, val_loss)
-        metrics.write(record)
         say(f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+        sample = ""
         # Under FSDP every forward is a collective: all processes sample (the same seed, the same text).
         if t.sample_tokens and (world.is_main or distributed.is_sharded(raw_model)):
             raw_model.eval()
-            say("  " + sample_text(raw_model, tokenizer, "", t.sample_tokens, seed=t.seed).strip().replace("\n", " "))
+            sample = sample_text(raw_model, tokenizer, "", t.sample_tokens, seed=t.seed).strip()
+            say("  " + sample.replace("\n", " "))
             raw_model.train()
+        log.evaluation(record, sample)  # before the checkpoint: a resume from it must not lose this record
         save(improved)
 
     def finished() -> bool:
         return state.step >= steps or bool(t.max_minutes) and state.train_seconds >= t.max_minutes * 60
 
-    with StopOnSignal() as stop, progress, closing(metrics):
+    clock_start = time.perf_counter() - state.wall_seconds
+    with StopOnSignal() as stop, progress, closing(log):
         while not finished() and stop.received is None:
             started = time.perf_counter()
             lr = learning_rate(state.step, decay_progress(state, t, steps), t)
@@ -331,11 +348,12 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
             state.step += 1
             state.tokens_seen += tokens_per_step
             state.train_seconds += seconds
+            state.wall_seconds = time.perf_counter() - clock_start
             if state.step == t.warmup_steps:
                 state.warmup_end_seconds = state.train_seconds
             record = {"step": state.step, "loss": _finite_or_none(loss), "lr": lr,
                       "grad_norm": _finite_or_none(grad_norm), "tokens_per_s": tokens_per_step / seconds,
-                      "tokens_seen": state.tokens_seen}
+                      "tokens_seen": state.tokens_seen, "wall_seconds": state.wall_seconds}
             if not math.isfinite(grad_norm):  # the update was not applied
                 record["skipped"] = True
                 state.skipped_steps += 1
@@ -344,7 +362,8 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
                     state.bad_steps_in_row += 1
             else:
                 state.bad_steps_in_row = 0
-            metrics.write(record)
+            log.write(record)
+            progress.total = expected_steps(state, t, steps)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
             if state.bad_steps_in_row >= t.max_bad_steps:
@@ -357,14 +376,20 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
                 evaluate_and_save()
             elif stop.received is not None:
                 save(improved=False)
+        state.wall_seconds = time.perf_counter() - clock_start
+        if stop.received is None:
+            log.write({"event": "finished", "step": state.step, "tokens_seen": state.tokens_seen,
+                       "wall_seconds": state.wall_seconds})
     if stop.received is not None:
         command = " ".join(shlex.quote(arg) for arg in ["slm", *sys.argv[1:]] if arg != "--force")
         say(f"slm: stopped by {signal.Signals(stop.received).name} at step {state.step}; the checkpoint is in "
             f"{run_dir / 'last'}. Resume with: {command}" + ("" if "--resume" in sys.argv else " --resume"))
         state.stopped_by = stop.received
         return state
-    say(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds / 60:.1f} min; "
-        f"best val loss {state.best_val_loss:.4f}; checkpoints in {run_dir}/best and {run_dir}/last")
+    bpb = f" ({bits_per_byte(state.best_val_loss):.4f} bits per byte)" if bytes_per_token else ""
+    say(f"done: {state.step:,} steps, {state.tokens_seen:,} tokens in {duration(state.wall_seconds)}; best val loss "
+        f"{state.best_val_loss:.4f}{bpb}; checkpoints in {run_dir}/best and {run_dir}/last, curves and model card "
+        f"in {run_dir}/curves.png and README.md")
     return state
 
 
