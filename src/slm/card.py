@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from slm import checkpoint
 from slm.config import Config
@@ -25,9 +26,10 @@ def training_data(run: Path, cfg: Config) -> str:
     return cfg.train.data or "(not recorded)"
 
 
-def model_card(run: Path, cfg: Config, parameters: int, sample: str = "") -> str:
-    """The card's markdown, from the run's files, its parameter count and the newest sample."""
-    progress = Progress.of(checkpoint.read_metrics(run / "metrics.jsonl"))
+def model_card(run: Path, cfg: Config, parameters: int, records: list[dict[str, Any]], sample: str = "") -> str:
+    """The card's markdown, from the run's files and metrics.jsonl records, its parameter count and the
+    newest sample."""
+    progress = Progress.of(records)
     best = progress.best
     validation = (f"best loss {best['val_loss']:.4f} at step {best['step']:,}"
                   + (f" ({best['val_bpb']:.4f} bits per byte)" if "val_bpb" in best else "")) if best else "none yet"
@@ -46,14 +48,15 @@ def model_card(run: Path, cfg: Config, parameters: int, sample: str = "") -> str
             + f"## Config (slm's config.toml)\n\n| section | field | value |\n|---|---|---|\n{rows}\n")
 
 
-def write_card(run: Path, cfg: Config, parameters: int, sample: str = "") -> None:
-    checkpoint.write_text_atomic(run / CARD, model_card(run, cfg, parameters, sample))
+def write_card(run: Path, cfg: Config, parameters: int, records: list[dict[str, Any]], sample: str = "") -> None:
+    checkpoint.write_text_atomic(run / CARD, model_card(run, cfg, parameters, records, sample))
 
 
 def hub_card(run: Path, cfg: Config, parameters: int, name: str) -> str:
     """README.md of the Hugging Face folder: the run's card (or a fresh one, for a run without one), under
     the Hub's metadata, with how to load it."""
-    card = (run / CARD).read_text(encoding="utf-8") if (run / CARD).is_file() else model_card(run, cfg, parameters)
+    card = ((run / CARD).read_text(encoding="utf-8") if (run / CARD).is_file()
+            else model_card(run, cfg, parameters, checkpoint.read_metrics(run / "metrics.jsonl")))
     return (f"{HUB_HEADER}{card}\n## Use it with transformers\n\n```python\nfrom transformers import pipeline\n"
             f"generator = pipeline(\"text-generation\", model=\"{name}\")\n"
             f"print(generator(\"Once upon a time\")[0][\"generated_text\"])\n```\n")

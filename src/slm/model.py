@@ -109,6 +109,7 @@ class CompactHead(nn.Module):
         self.register_buffer("head_ids", torch.arange(cfg.vocab_head))                      # (K,)
         self.register_buffer("class_of", torch.full((cfg.vocab_size,), cfg.vocab_head))   # (V,) id -> 0..K
         self.register_buffer("log_q", torch.zeros(cfg.vocab_size))                         # (V,) 0 for the K
+        self._cached_weight: tuple[tuple, torch.Tensor] | None = None  # (key, weight): see class_weight
 
     def set_frequencies(self, counts: torch.Tensor) -> None:
         """Choose the K most frequent ids of `counts` (V,) and q over the rest, add-one smoothed so that
@@ -132,10 +133,9 @@ class CompactHead(nn.Module):
         if torch.is_grad_enabled():
             return torch.cat([self.wte[0].weight[self.head_ids], self.other])
         key = tuple((t.data_ptr(), t._version) for t in (self.wte[0].weight, self.other, self.head_ids))
-        if getattr(self, "_cached_key", None) != key:
-            self._cached_weight = torch.cat([self.wte[0].weight[self.head_ids], self.other])
-            self._cached_key = key
-        return self._cached_weight
+        if self._cached_weight is None or self._cached_weight[0] != key:
+            self._cached_weight = key, torch.cat([self.wte[0].weight[self.head_ids], self.other])
+        return self._cached_weight[1]
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, K+1): the K frequent ids, then "other"."""

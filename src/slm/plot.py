@@ -83,9 +83,8 @@ def save_figure(fig, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def refresh_curves(run_dir: Path) -> None:
-    """Redraw RUN/curves.png from the run's metrics.jsonl."""
-    records = checkpoint.read_metrics(run_dir / "metrics.jsonl")
+def refresh_curves(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Redraw RUN/curves.png from the run's metrics.jsonl records."""
     save_figure(curves_figure({run_dir.name: records}), run_dir / CURVES)
 
 

@@ -60,8 +60,9 @@ class RunLog:
         if self.tensorboard is not None and sample:
             self.tensorboard.add_text("sample", sample, record["step"])
         try:
-            refresh_curves(self.run_dir)
-            write_card(self.run_dir, self.cfg, self.parameters, sample)
+            records = checkpoint.read_metrics(self.run_dir / "metrics.jsonl")  # once, for both
+            refresh_curves(self.run_dir, records)
+            write_card(self.run_dir, self.cfg, self.parameters, records, sample)
         except OSError as err:  # a full disk should cost the figures, not the run
             print(f"slm: warning: could not update {self.run_dir}/curves.png or README.md: {err}", file=sys.stderr)
 

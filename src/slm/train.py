@@ -275,7 +275,8 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     if resume_from is not None:
         checkpoint.load_weights(raw_model, resume_from)
     # FSDP shards the model in place (raw_model included), so the optimizer is built after wrapping.
-    model = distributed.wrap(torch.compile(raw_model) if should_compile(t.compile, device) else raw_model, world, device, t.fsdp)
+    compiled = torch.compile(raw_model) if should_compile(t.compile, device) else raw_model
+    model = distributed.wrap(compiled, world, device, t.fsdp)
     optimizer = build_optimizer(raw_model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = TrainState()
