@@ -102,3 +102,20 @@ def reference_gpt2(tmp_path_factory):
         patch.setattr(tiktoken.load, "read_file", no_download)
         patch.setattr(tiktoken.registry, "ENCODINGS", {})  # build it here, not from an earlier cache
         return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture
+def compact():
+    """A float64 model with a compact head of 10 classes over 101 ids, two of which were never seen."""
+    import torch
+
+    from slm.config import ModelConfig
+    from slm.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_head=10))
+    model = model.double().eval()
+    counts = torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5))
+    counts[[7, 42]] = 0  # never seen in training
+    model.lm_head.set_frequencies(counts)
+    return model, counts

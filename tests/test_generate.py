@@ -9,8 +9,9 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
 from slm.config import ModelConfig
 from slm.errors import SlmError
-from slm.generate import (KVCache, SamplingSettings, StopText, complete, decode, draw, generate,
-                          penalize_repetition, prompt_ids, sample_next, stream, top_k_filter, top_p_filter)
+from slm.generate import (CompactSampler, KVCache, SamplingSettings, StopText, complete, decode, draw, generate,
+                          make_picker, penalize_repetition, prompt_ids, sample_next, stream, top_k_filter,
+                          top_p_filter)
 from slm.model import GPT
 from slm.tokenizer import EOT_ID, get_tokenizer
 
@@ -323,6 +324,56 @@ def test_draw_follows_the_probabilities_and_never_picks_an_id_of_probability_zer
     assert share[[0, 2, 6]].tolist() == [0, 0, 0]
     torch.testing.assert_close(share[[1, 3, 4, 5]], torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015, rtol=0)
     assert draw(torch.tensor([[0.0, 0.0, 1.0]]).expand(1000, 3), g).unique().tolist() == [2]
+
+
+COMPACT_SETTINGS = [SamplingSettings(temperature=1.0), SamplingSettings(temperature=0.6),
+                    SamplingSettings(temperature=1.7), SamplingSettings(temperature=1.0, top_k=4),
+                    SamplingSettings(temperature=0.8, top_k=30), SamplingSettings(temperature=1.0, top_k=6, top_p=0.7)]
+
+
+@pytest.mark.parametrize("settings", COMPACT_SETTINGS, ids=lambda s: f"t{s.temperature}-k{s.top_k}-p{s.top_p}")
+def test_a_compact_head_samples_the_class_then_the_id_with_the_expanded_distribution(compact, settings):
+    model, _ = compact
+    hidden = torch.randn(1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 40
+    with torch.no_grad():  # the likeliest rare ids (q about 1/91 each) about as likely as the best class
+        best = model.lm_head.class_logits(hidden)[0, :10].max()
+        model.lm_head.other.copy_(hidden * (best + 4) / hidden.square().sum())
+        logits = model.lm_head(hidden)[0]  # (101,): the expanded logits
+        expected = sample_probabilities(logits, settings)
+        sampler = make_picker(model, settings, torch.Generator().manual_seed(6), seen=None)
+        assert isinstance(sampler, CompactSampler)
+        ids = sampler(hidden.expand(100_000, -1))
+    share = torch.bincount(ids, minlength=101).double() / ids.numel()
+    assert (share[expected == 0] == 0).all()  # never an id the filters removed
+    assert share[model.lm_head.class_of == 10].sum() > 0.02  # rare ids are drawn, through "other"
+    torch.testing.assert_close(share, expected, atol=0.008, rtol=0)
+
+
+def sample_probabilities(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """The distribution sample_next draws from, over the expanded logits."""
+    logits = logits[None] / settings.temperature
+    if settings.top_k is not None:
+        logits = top_k_filter(logits, settings.top_k)
+    return top_p_filter(logits, settings.top_p).softmax(-1)[0]
+
+
+def test_a_compact_heads_greedy_pick_is_the_argmax_of_the_expanded_logits(compact):
+    model, _ = compact
+    hidden = torch.randn(2000, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 10
+    with torch.no_grad():
+        model.lm_head.other.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))  # "other" sometimes wins
+        picked = make_picker(model, SamplingSettings(temperature=0), None, seen=None)(hidden)
+        expected = model.lm_head(hidden).argmax(-1)
+    assert torch.equal(picked, expected)
+    rare = model.lm_head.class_of[expected] == 10
+    assert 0 < rare.sum() < len(rare)  # both kinds of winner were checked
+
+
+def test_the_repetition_penalty_and_top_p_alone_go_through_the_expanded_logits(compact):
+    model, _ = compact
+    seen = torch.zeros(1, 101, dtype=torch.bool)
+    assert not isinstance(make_picker(model, SamplingSettings(repetition_penalty=1.3), None, seen), CompactSampler)
+    assert not isinstance(make_picker(model, SamplingSettings(top_p=0.9), None, None), CompactSampler)
 
 
 # bfloat16 keeps 8 significant bits: each rounding is within 2^-8 of the value, and a logit is the sum of

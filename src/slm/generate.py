@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from slm.errors import SlmError
-from slm.model import GPT
+from slm.model import GPT, CompactHead
 from slm.tokenizer import StreamDecoder, Tokenizer
 
 MAX_NEW_TOKENS = 100_000
@@ -135,11 +135,21 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row of probs (B, V) -> (B,), by inverse transform sampling: a uniform number located in the
     cumulative sum. torch.multinomial draws V random numbers per row instead, 40x slower over GPT-2's 50k ids
-    on a CPU. float64 keeps each id's share of the sum exact (float32 rounding would misplace ~3e-4 of the
-    probability); MPS has no float64."""
-    cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(dim=-1)  # (B, V)
-    total = cdf[:, -1:]  # (B, 1): 1, up to rounding
-    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    on a CPU."""
+    return locate(cumulative(probs), probs.size(0), generator)
+
+
+def cumulative(probs: torch.Tensor) -> torch.Tensor:
+    """The cumulative sum along the last dimension in float64, which keeps each id's share of the sum exact
+    (float32 rounding would misplace ~3e-4 of the probability); MPS has no float64."""
+    return probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(dim=-1)
+
+
+def locate(cdf: torch.Tensor, rows: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each of `rows` uniform numbers, the index of the first entry above it of cdf: (rows, V), one
+    cumulative sum per row, or (V,), one for all."""
+    total = cdf[..., -1:]  # (rows, 1) or (1,): 1, up to rounding
+    u = torch.rand(rows, 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
     u = u.masked_fill(u >= total, 0)  # rounding can lift u to the total, past the last id
     # right=True: the first id whose cumulative sum exceeds u, so an id of probability 0 is never chosen.
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
@@ -157,6 +167,62 @@ def sample_next(logits: torch.Tensor, settings: SamplingSettings, generator: tor
     if settings.top_k is not None:
         logits = top_k_filter(logits, settings.top_k)
     return draw(torch.softmax(top_p_filter(logits, settings.top_p), dim=-1), generator)
+
+
+class CompactSampler:
+    """Next ids from a compact head's distribution over every id without building its (B, V) logits: the
+    class first, then, for "other", the rare id. It gives exactly sample_next's distribution over the
+    expanded logits (class logit, plus log q for a rare id), as follows.
+
+    - temperature t: a rare id's weight is exp((c_other + log q)/t), so "other" weighs
+      exp(c_other/t) * sum(q^(1/t)) and the id within it follows q^(1/t); both are fixed for the call.
+    - top-k: the k most likely ids are among the k best classes and the k likeliest rare ids (q's order),
+      so the filters run on those 2k candidates alone.
+    - greedy: the best class against the likeliest rare id.
+
+    The repetition penalty changes single ids, and top-p without top-k needs every id sorted: both go
+    through the expanded logits (make_picker)."""
+
+    def __init__(self, head: CompactHead, settings: SamplingSettings, generator: torch.Generator | None) -> None:
+        self.head, self.settings, self.generator = head, settings, generator
+        self.K = head.head_ids.numel()
+        rare = (head.class_of == self.K).nonzero().squeeze(1)  # ascending ids: ties in q keep the lowest first
+        log_q = head.log_q[rare].double()
+        order = torch.argsort(log_q, descending=True, stable=True)
+        self.rare_ids, self.rare_log_q = rare[order], log_q[order]  # (R,), likeliest first
+        t = settings.temperature
+        if t > 0 and settings.top_k is None:
+            self.other_log_mass = torch.logsumexp(self.rare_log_q / t, dim=0)  # log sum(q^(1/t))
+            self.rare_cdf = cumulative(torch.softmax(self.rare_log_q / t, dim=0))  # (R,)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, C) -> next ids (B,)."""
+        c = self.head.class_logits(hidden).double()  # (B, K+1): float64 like log q, so rare logits stay exact
+        frequent, other = c[:, :self.K], c[:, self.K]
+        t, top_k = self.settings.temperature, self.settings.top_k
+        if t == 0:
+            best = frequent.argmax(dim=-1)
+            rare_wins = other + self.rare_log_q[0] > frequent.gather(1, best[:, None]).squeeze(1)
+            return torch.where(rare_wins, self.rare_ids[0], self.head.head_ids[best])
+        if top_k is None:
+            weights = torch.cat([frequent / t, (other / t + self.other_log_mass)[:, None]], dim=1)
+            chosen = draw(torch.softmax(weights, dim=-1), self.generator)  # (B,) a class, K for "other"
+            rare = self.rare_ids[locate(self.rare_cdf, c.size(0), self.generator)]
+            return torch.where(chosen == self.K, rare, self.head.head_ids[chosen.clamp(max=self.K - 1)])
+        best_logits, best = frequent.topk(min(top_k, self.K), dim=-1)
+        rare_logits = other[:, None] + self.rare_log_q[:top_k]  # (B, min(k, R))
+        candidates = torch.cat([self.head.head_ids[best], self.rare_ids[:top_k].expand(c.size(0), -1)], dim=1)
+        chosen = sample_next(torch.cat([best_logits, rare_logits], dim=1), self.settings, self.generator)
+        return candidates.gather(1, chosen[:, None]).squeeze(1)
+
+
+def make_picker(model: GPT, settings: SamplingSettings, generator: torch.Generator | None,
+                seen: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from the last position's hidden state (B, C) to the next ids (B,)."""
+    head = model.lm_head
+    if isinstance(head, CompactHead) and seen is None and (settings.top_k is not None or settings.top_p >= 1):
+        return CompactSampler(head, settings, generator)
+    return lambda hidden: sample_next(head(hidden), settings, generator, seen)
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
@@ -195,6 +261,7 @@ def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettin
         seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
         for row, ids in enumerate(prompts):
             seen[row, ids] = True
+    pick = make_picker(model, settings, generator, seen)
     cache, new = None, context
     for _ in range(settings.max_new_tokens):
         if use_cache:
@@ -203,11 +270,11 @@ def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettin
                     context, pad = keep_last(context, pad, block_size // 2)
                     new = context
                 cache = KVCache(model, pad)
-            logits, _ = model(new, kv_cache=cache)
+            hidden = model.hidden(new, kv_cache=cache)
             cache.advance(new.size(1))
         else:
-            logits, _ = model(context)
-        next_id = sample_next(logits[:, -1], settings, generator, seen)  # (B,)
+            hidden = model.hidden(context)
+        next_id = pick(hidden[:, -1])  # (B,)
         yield next_id
         if seen is not None:
             seen[rows, next_id] = True

@@ -195,6 +195,18 @@ class GPT(nn.Module):
         """idx (B, T) ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy over
         targets that are not IGNORE_INDEX (logits are then None for a compact head, which never builds
         them). With a kv_cache, idx continues the cached sequence."""
+        x = self.hidden(idx, kv_cache)
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, V)
+        if isinstance(self.lm_head, CompactHead):
+            return None, self.lm_head.loss(x, targets)
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(_at_least_float32(logits).view(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=IGNORE_INDEX)
+
+    def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final layer norm's output (B, T, C), which the head turns into logits. Decoding
+        needs the head at the last position only, and a compact head samples without full logits."""
         B, T = idx.shape
         start = kv_cache.position if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -206,11 +218,4 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x), None  # (B, T, V)
-        if isinstance(self.lm_head, CompactHead):
-            return None, self.lm_head.loss(x, targets)
-        logits = self.lm_head(x)
-        return logits, F.cross_entropy(_at_least_float32(logits).view(-1, logits.size(-1)), targets.reshape(-1),
-                                       ignore_index=IGNORE_INDEX)
+        return self.transformer.ln_f(x)
