@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slm import checkpoint
+from slm import checkpoint, runfiles
 from slm.config import Config, ModelConfig
 from slm.errors import SlmError
 from slm.model import GPT
@@ -92,7 +92,7 @@ def test_best_falls_back_to_last_when_no_evaluation_improved_yet(tmp_path, model
 
 
 def test_metrics_log_appends_json_lines(tmp_path):
-    log = checkpoint.MetricsLog(tmp_path / "metrics.jsonl")
+    log = runfiles.MetricsLog(tmp_path / "metrics.jsonl")
     log.write({"step": 1, "loss": 2.0})
     log.write({"step": 2, "loss": 1.5})
     log.close()
@@ -114,11 +114,11 @@ def test_a_compact_head_round_trips_with_its_frequency_tables(tmp_path):
 def test_strict_metrics_reading_rejects_a_bad_line_but_skips_a_last_line_cut_short(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    assert checkpoint.read_metrics(path, strict=True) == [{"step": 1}, {"step": 2}]
+    assert runfiles.read_metrics(path, strict=True) == [{"step": 1}, {"step": 2}]
     path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
-    assert checkpoint.read_metrics(path) == [{"step": 1}, {"step": 3}]
+    assert runfiles.read_metrics(path) == [{"step": 1}, {"step": 3}]
     with pytest.raises(SlmError, match="line 2, is not a JSON object"):
-        checkpoint.read_metrics(path, strict=True)
+        runfiles.read_metrics(path, strict=True)
 
 
 def test_the_manifest_counts_the_parameters(tmp_path, model):

@@ -1,7 +1,6 @@
 """slm plot: one line per series and run, an image of the promised size, and clear errors on bad metrics."""
 
 import json
-import shutil
 import struct
 
 import pytest

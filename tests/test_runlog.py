@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import tiny_config
-from slm import checkpoint
+from slm import runfiles
 from slm.train import start
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -14,7 +14,7 @@ def test_tensorboard_events_hold_the_logged_scalars_and_the_samples(tmp_path, ti
     start(tiny_config(tiny_data, max_steps=6, eval_interval=3, sample_tokens=4, tensorboard=True), run)
     events = event_accumulator.EventAccumulator(str(run / "tb"), size_guidance={event_accumulator.TENSORS: 0})
     events.Reload()
-    records = checkpoint.read_metrics(run / "metrics.jsonl")
+    records = runfiles.read_metrics(run / "metrics.jsonl")
     for tag, key in [("train/loss", "loss"), ("train/lr", "lr"), ("train/grad_norm", "grad_norm"),
                      ("train/tokens_per_s", "tokens_per_s"), ("val/loss", "val_loss"), ("val/bpb", "val_bpb")]:
         logged = [(r["step"], r[key]) for r in records if key in r]
@@ -32,7 +32,7 @@ def test_without_the_flag_no_tensorboard_folder_is_made(tiny_run):
 
 def test_the_model_card_is_the_runs_readme_with_its_figures_and_curves(tiny_run):
     card = (tiny_run / "README.md").read_text()
-    records = checkpoint.read_metrics(tiny_run / "metrics.jsonl")
+    records = runfiles.read_metrics(tiny_run / "metrics.jsonl")
     best = min((r for r in records if "val_loss" in r), key=lambda r: r["val_loss"])
     assert card.startswith(f"# {tiny_run.name}\n")
     assert f"best loss {best['val_loss']:.4f} at step {best['step']}" in card and "7,680 tokens seen" in card

@@ -6,9 +6,7 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
-from slm import checkpoint
+from slm import runfiles
 from slm.cli import main
 from slm.runs import PID_FILE, Progress, duration, status
 
@@ -16,7 +14,7 @@ from slm.runs import PID_FILE, Progress, duration, status
 def copy_run(source, target, keep_records):
     """A copy of a run whose metrics.jsonl keeps only its first records, as a run stopped there leaves it."""
     shutil.copytree(source, target)
-    records = checkpoint.read_metrics(source / "metrics.jsonl")[:keep_records]
+    records = runfiles.read_metrics(source / "metrics.jsonl")[:keep_records]
     (target / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return target
 
@@ -28,7 +26,7 @@ def dead_pid():
 
 
 def test_a_completed_run_is_finished_and_leaves_no_pid_file(tiny_run):
-    records = checkpoint.read_metrics(tiny_run / "metrics.jsonl")
+    records = runfiles.read_metrics(tiny_run / "metrics.jsonl")
     assert records[-1]["event"] == "finished" and records[-1]["step"] == 30
     assert not (tiny_run / PID_FILE).exists()
     assert status(tiny_run, records) == "finished"
@@ -37,13 +35,13 @@ def test_a_completed_run_is_finished_and_leaves_no_pid_file(tiny_run):
 def test_a_run_without_its_finished_record_is_interrupted_even_with_a_stale_pid(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "stopped", 16)
     (run / PID_FILE).write_text(str(dead_pid()))
-    assert status(run, checkpoint.read_metrics(run / "metrics.jsonl")) == "interrupted"
+    assert status(run, runfiles.read_metrics(run / "metrics.jsonl")) == "interrupted"
 
 
 def test_a_run_whose_training_process_lives_is_running(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "live", 16)
     (run / PID_FILE).write_text(str(os.getpid()))
-    assert status(run, checkpoint.read_metrics(run / "metrics.jsonl")) == "running"
+    assert status(run, runfiles.read_metrics(run / "metrics.jsonl")) == "running"
 
 
 def test_progress_takes_the_best_evaluation_and_the_furthest_step():
@@ -68,7 +66,7 @@ def test_slm_runs_lists_finished_and_interrupted_runs(tiny_run, tmp_path, capsys
     assert main(["runs", str(folder)]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith(("done", "nested"))}
-    best = Progress.of(checkpoint.read_metrics(tiny_run / "metrics.jsonl")).best
+    best = Progress.of(runfiles.read_metrics(tiny_run / "metrics.jsonl")).best
     parameters = json.loads((tiny_run / "last" / "manifest.json").read_text())["parameters"]
     assert rows["done"][1:5] == ["tiny", f"{parameters / 1e6:.2f}M", "30", "7,680"]
     assert rows["done"][5:7] == [f"{best['val_loss']:.4f}", f"{best['val_bpb']:.4f}"]
@@ -82,3 +80,10 @@ def test_a_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("slm: error: ") and err.count("\n") == 1
         assert ("no runs under" if folder.exists() else "is not a folder") in err
+
+
+def test_slm_runs_reads_a_run_without_importing_torch(tiny_run):
+    code = ("import sys; from slm.cli import main; assert main(['runs', sys.argv[1]]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_run)], capture_output=True, text=True, check=True)
+    assert "finished" in out.stdout

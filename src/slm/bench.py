@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.checkpoint import write_text_atomic
+from slm.runfiles import write_text_atomic
 from slm.config import Config, flags_from_args, resolve
 from slm.device import cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
 from slm.errors import SlmError

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slm import checkpoint
+from slm import runfiles
 from slm.config import Config
 from slm.plot import CURVES
 from slm.runs import Progress, duration
@@ -49,14 +49,14 @@ def model_card(run: Path, cfg: Config, parameters: int, records: list[dict[str, 
 
 
 def write_card(run: Path, cfg: Config, parameters: int, records: list[dict[str, Any]], sample: str = "") -> None:
-    checkpoint.write_text_atomic(run / CARD, model_card(run, cfg, parameters, records, sample))
+    runfiles.write_text_atomic(run / CARD, model_card(run, cfg, parameters, records, sample))
 
 
 def hub_card(run: Path, cfg: Config, parameters: int, name: str) -> str:
     """README.md of the Hugging Face folder: the run's card (or a fresh one, for a run without one), under
     the Hub's metadata, with how to load it."""
     card = ((run / CARD).read_text(encoding="utf-8") if (run / CARD).is_file()
-            else model_card(run, cfg, parameters, checkpoint.read_metrics(run / "metrics.jsonl")))
+            else model_card(run, cfg, parameters, runfiles.read_metrics(run / "metrics.jsonl")))
     return (f"{HUB_HEADER}{card}\n## Use it with transformers\n\n```python\nfrom transformers import pipeline\n"
             f"generator = pipeline(\"text-generation\", model=\"{name}\")\n"
             f"print(generator(\"Once upon a time\")[0][\"generated_text\"])\n```\n")

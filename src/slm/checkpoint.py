@@ -34,30 +34,13 @@ from safetensors.torch import load_file, save_file
 from slm.config import Config
 from slm.errors import SlmError
 from slm.model import GPT
+from slm.runfiles import MANIFEST, fsync_dir, manifest_field
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 TRAINER = "trainer.pt"
-MANIFEST = "manifest.json"
 HISTORY = "history"
 TIED_HEAD = "lm_head.weight"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_run_dir(run_dir: Path, force: bool) -> None:
@@ -103,7 +86,7 @@ def save(run_dir: Path, name: str, model: GPT, cfg: Config, tokenizer: dict[str,
         for file in tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno == errno.ENOSPC:
@@ -111,25 +94,18 @@ def save(run_dir: Path, name: str, model: GPT, cfg: Config, tokenizer: dict[str,
                            f"is intact: free some space, then resume with --resume") from None
         raise
     if final.exists():
-        retired = (run_dir / HISTORY / f"step-{_manifest_step(final):08d}" if keep > 1
+        retired = (run_dir / HISTORY / f"step-{manifest_field(final, 'step') or 0:08d}" if keep > 1
                    else run_dir / f".{name}.old-{os.getpid()}")
         retired.parent.mkdir(exist_ok=True)
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(final, retired)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     shutil.rmtree(run_dir / f".{name}.old-{os.getpid()}", ignore_errors=True)
     if keep > 1:
         for old in sorted((run_dir / HISTORY).glob("step-*"), reverse=True)[keep - 1:]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _manifest_step(folder: Path) -> int:
-    try:
-        return int(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def verify(folder: Path) -> None:
@@ -227,46 +203,3 @@ def checkpoint_dir(run: str | Path, which: str = "best") -> Path:
     if not (chosen / WEIGHTS).is_file():
         raise SlmError(f"{run} has no {which} checkpoint yet; train it until its first evaluation")
     return chosen
-
-
-def read_metrics(path: Path, strict: bool = False) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl ([] when there is none). A last line cut short by a kill (it has no
-    newline yet) is skipped; so is any other line that is not a JSON object, unless `strict` makes that an
-    error."""
-    records = []
-    lines = path.read_text(encoding="utf-8").split("\n") if path.is_file() else []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        elif strict and number < len(lines):
-            raise SlmError(f"{path}, line {number}, is not a JSON object ({line[:60]!r}); metrics.jsonl holds "
-                           f"one object per line, as slm train writes it")
-    return records
-
-
-def rewind_metrics(path: Path, step: int) -> None:
-    """Drop the records a killed run wrote after `step` (they are about to be redone) and mark the resume,
-    so metrics.jsonl reads as one run with each step recorded once."""
-    kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
-    kept.append({"event": "resumed", "step": step})
-    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
-
-
-class MetricsLog:
-    """Appends one JSON object per line to RUN/metrics.jsonl, flushed so a crash loses at most a line."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slm import checkpoint
+from slm import checkpoint, runfiles
 from slm.card import hub_card
 from slm.config import Config, ModelConfig
 from slm.errors import SlmError
@@ -248,7 +248,7 @@ def import_hf(folder: str | Path, out: str | Path, force: bool = False) -> Path:
     model = model_from_hf(folder)
     cfg = Config(model=model.config)
     checkpoint.prepare_run_dir(out, force)
-    checkpoint.write_text_atomic(out / "config.toml", cfg.to_toml())
+    runfiles.write_text_atomic(out / "config.toml", cfg.to_toml())
     for name in ("best", "last"):
         checkpoint.save(out, name, model, cfg, get_tokenizer().identity())
     return out

@@ -17,7 +17,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from slm import checkpoint, train
+from slm import checkpoint, runfiles, train
 from slm.chat import Message, SftBatches, pack, read_conversations, validation_batches
 from slm.config import Config, check_resume_changes, flags_from_args, resolve
 from slm.device import pick_device, pick_dtype
@@ -79,7 +79,7 @@ def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: 
     train_sft, val_sft = pack(rows, cfg.model.block_size), pack(val_rows, cfg.model.block_size)
     if not resume_from:  # now that the data is known good: --force must not delete a run for a typo in it
         checkpoint.prepare_run_dir(out, force)
-    checkpoint.write_text_atomic(out / "config.toml", cfg.to_toml())
+    runfiles.write_text_atomic(out / "config.toml", cfg.to_toml())
     device = pick_device(cfg.train.device)
     val_batches = validation_batches(val_sft, cfg, device)
     batches = SftBatches(train_sft, cfg, device)
@@ -92,8 +92,8 @@ def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: 
               "val_fraction": None if val_data else val_fraction,
               "conversations": {"train": len(rows), "validation": len(val_rows)},
               "windows": {"train": len(train_sft.starts), "validation": len(val_sft.starts)}}
-    checkpoint.write_text_atomic(out / "finetune.json", json.dumps(recipe, indent=2) + "\n")
-    with closing(checkpoint.MetricsLog(out / "metrics.jsonl")) as metrics:
+    runfiles.write_text_atomic(out / "finetune.json", json.dumps(recipe, indent=2) + "\n")
+    with closing(runfiles.MetricsLog(out / "metrics.jsonl")) as metrics:
         metrics.write({"step": 0, "val_loss": base_loss, "tokens_seen": 0})
     t = cfg.train
     print(f"fine-tuning {folder} on {len(rows):,} conversations ({len(train_sft.starts):,} windows of "

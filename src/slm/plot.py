@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from slm import checkpoint
+from slm import runfiles
 from slm.errors import SlmError
 
 CURVES = "curves.png"  # RUN/curves.png, refreshed at every evaluation
@@ -35,7 +35,7 @@ def read_run(path: str | Path) -> list[dict[str, Any]]:
         raise SlmError(f"{path} does not exist; pass a run folder made by `slm train` or its metrics.jsonl")
     if not metrics.is_file():
         raise SlmError(f"{path} has no metrics.jsonl; pass a run folder made by `slm train`")
-    records = checkpoint.read_metrics(metrics, strict=True)
+    records = runfiles.read_metrics(metrics, strict=True)
     if not any("loss" in r for r in records):
         raise SlmError(f"{metrics} records no training step yet; plot it after the run's first step")
     return records

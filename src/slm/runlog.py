@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slm import checkpoint
+from slm import runfiles
 from slm.card import write_card
 from slm.config import Config
 from slm.errors import SlmError
@@ -36,12 +36,12 @@ def tensorboard_writer(folder: Path, first_step: int):
 class RunLog:
     def __init__(self, run_dir: Path, cfg: Config, parameters: int, first_step: int, enabled: bool = True) -> None:
         """`first_step` is the step the run starts or resumes from; TensorBoard hides whatever an earlier
-        process logged after it, as metrics.jsonl drops it (checkpoint.rewind_metrics)."""
+        process logged after it, as metrics.jsonl drops it (runfiles.rewind_metrics)."""
         self.run_dir, self.cfg, self.parameters, self.enabled = run_dir, cfg, parameters, enabled
         self.tensorboard = tensorboard_writer(run_dir / "tb", first_step) if enabled and cfg.train.tensorboard else None
-        self.metrics = checkpoint.MetricsLog(run_dir / "metrics.jsonl") if enabled else None
+        self.metrics = runfiles.MetricsLog(run_dir / "metrics.jsonl") if enabled else None
         if enabled:
-            checkpoint.write_text_atomic(run_dir / PID_FILE, str(os.getpid()))
+            runfiles.write_text_atomic(run_dir / PID_FILE, str(os.getpid()))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -60,7 +60,7 @@ class RunLog:
         if self.tensorboard is not None and sample:
             self.tensorboard.add_text("sample", sample, record["step"])
         try:
-            records = checkpoint.read_metrics(self.run_dir / "metrics.jsonl")  # once, for both
+            records = runfiles.read_metrics(self.run_dir / "metrics.jsonl")  # once, for both
             refresh_curves(self.run_dir, records)
             write_card(self.run_dir, self.cfg, self.parameters, records, sample)
         except OSError as err:  # a full disk should cost the figures, not the run

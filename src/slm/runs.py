@@ -9,13 +9,12 @@ a run is *running* while that process lives, *finished* when its last record say
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slm import checkpoint
+from slm import runfiles
 from slm.config import Config, preset_names, read_toml, resolve
 from slm.errors import SlmError
 
@@ -67,12 +66,8 @@ def preset_of(cfg: Config) -> str:
 
 
 def parameters(run_dir: Path) -> int | None:
-    for which in ("last", "best"):
-        try:
-            return int(json.loads((run_dir / which / checkpoint.MANIFEST).read_text(encoding="utf-8"))["parameters"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # no checkpoint yet, or one saved before manifests counted parameters
-    return None
+    return runfiles.manifest_field(run_dir / "last", "parameters") or runfiles.manifest_field(run_dir / "best",
+                                                                                             "parameters")
 
 
 def duration(seconds: float) -> str:
@@ -94,7 +89,7 @@ def find_runs(folder: Path) -> list[Path]:
 
 def row(run_dir: Path, folder: Path) -> list[str]:
     """The table's cells for one run."""
-    records = checkpoint.read_metrics(run_dir / "metrics.jsonl")
+    records = runfiles.read_metrics(run_dir / "metrics.jsonl")
     progress = Progress.of(records)
     cfg = Config.from_dict(read_toml(run_dir / "config.toml"), str(run_dir / "config.toml"))
     n = parameters(run_dir)

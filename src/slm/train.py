@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slm import checkpoint, data, distributed
+from slm import checkpoint, data, distributed, runfiles
 from slm.config import Config, TrainConfig, check_resume_changes, flags_from_args, resolve
 from slm.device import autocast, keep_freed_memory, pick_dtype, should_compile
 from slm.distributed import World
@@ -285,7 +285,7 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved["state"])  # last: it restores the RNG states too
         if world.is_main:
-            checkpoint.rewind_metrics(run_dir / "metrics.jsonl", state.step)
+            runfiles.rewind_metrics(run_dir / "metrics.jsonl", state.step)
         say(f"resuming from {resume_from} at step {state.step}")
 
     tokens_per_step = t.batch_size * cfg.model.block_size
@@ -406,7 +406,7 @@ def start(cfg: Config, run_dir: Path, force: bool = False) -> TrainState:
     world, _ = distributed.setup(cfg.train.device)
     if world.is_main:
         checkpoint.prepare_run_dir(run_dir, force)
-        checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+        runfiles.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
         _print_config(cfg)
     distributed.barrier(world)
     return train(cfg, run_dir)
@@ -424,7 +424,7 @@ def resume(run_dir: Path, preset: str | None = None, toml_path: str | None = Non
     check_resume_changes(saved, cfg)
     world, _ = distributed.setup(cfg.train.device)
     if world.is_main:
-        checkpoint.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+        runfiles.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
         _print_config(cfg)
     distributed.barrier(world)
     return train(cfg, run_dir, resume_from=folder)

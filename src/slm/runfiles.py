@@ -1,0 +1,85 @@
+"""The run folder's plain files: atomic writes, RUN/metrics.jsonl and the checkpoints' manifests.
+
+Nothing here needs torch, so `slm runs` and `slm plot` read runs without loading it (about 3 s here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from slm.errors import SlmError
+
+MANIFEST = "manifest.json"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, flushed to disk, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def manifest_field(folder: Path, key: str) -> int | None:
+    """An integer field (step, parameters) of a checkpoint's manifest, or None when it has none: no
+    checkpoint yet, or one saved before manifests recorded that field."""
+    try:
+        return int(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_metrics(path: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl ([] when there is none). A last line cut short by a kill (it has no
+    newline yet) is skipped; so is any other line that is not a JSON object, unless `strict` makes that an
+    error."""
+    records = []
+    lines = path.read_text(encoding="utf-8").split("\n") if path.is_file() else []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif strict and number < len(lines):
+            raise SlmError(f"{path}, line {number}, is not a JSON object ({line[:60]!r}); metrics.jsonl holds "
+                           f"one object per line, as slm train writes it")
+    return records
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """Drop the records a killed run wrote after `step` (they are about to be redone) and mark the resume,
+    so metrics.jsonl reads as one run with each step recorded once."""
+    kept = [record for record in read_metrics(path) if record.get("step", 0) <= step]
+    kept.append({"event": "resumed", "step": step})
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+class MetricsLog:
+    """Appends one JSON object per line to RUN/metrics.jsonl, flushed so a crash loses at most a line."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
