@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slm import runfiles
 from slm.chat import read_conversations, render
 from slm.checkpoint import checkpoint_dir, load_model, read_header
 from slm.cli import build_parser, main
@@ -25,10 +26,6 @@ def write_conversations(path, n, seed):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {name} and the {thing}."},
                                              {"role": "assistant", "content": f"{name} had a {thing}."}]}) + "\n")
     return path
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def assistant_loss(model, conversations):
@@ -55,7 +52,7 @@ def assistant_run(tiny_run, tmp_path_factory):
 
 def test_finetuning_lowers_the_loss_on_the_assistant_tokens(tiny_run, assistant_run):
     run, val = assistant_run
-    evals = [r for r in read_metrics(run) if "val_loss" in r]
+    evals = [r for r in runfiles.read_metrics(run / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 8, 16]  # step 0: the base model on the same batches
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     conversations = read_conversations(val)
@@ -97,8 +94,20 @@ def test_a_stopped_finetune_resumes_with_its_metrics_intact(tiny_run, tmp_path):
     finetune(tiny_run, data, tmp_path / "run", flags=flags)
     state = finetune(tiny_run, data, tmp_path / "run", flags={"max_steps": 6}, resume=True)
     assert state.step == 6
-    evals = [r["step"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    evals = [r["step"] for r in runfiles.read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
     assert evals == [0, 2, 4, 6]
+
+
+def test_tensorboard_holds_the_base_models_validation_loss_at_step_0(tiny_run, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    data = write_conversations(tmp_path / "chat.jsonl", 40, seed=3)
+    finetune(tiny_run, data, tmp_path / "run", flags={**FAST, "max_steps": 2, "eval_interval": 2, "tensorboard": True})
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    logged = [(r["step"], r["val_loss"]) for r in runfiles.read_metrics(tmp_path / "run" / "metrics.jsonl")
+              if "val_loss" in r]
+    assert [s.step for s in events.Scalars("val/loss")] == [step for step, _ in logged] == [0, 2]
+    assert [s.value for s in events.Scalars("val/loss")] == pytest.approx([loss for _, loss in logged], rel=1e-6)
 
 
 @pytest.mark.parametrize("extra, message", [

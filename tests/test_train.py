@@ -1,11 +1,11 @@
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
 
 from conftest import tiny_config
+from slm import runfiles
 from slm.config import ModelConfig, TrainConfig
 from slm.model import GPT
 from slm.train import (TrainState, accumulate, build_optimizer, expected_steps, learning_rate, start, step_optimizer,
@@ -91,7 +91,7 @@ def test_weight_decay_applies_to_matrices_only():
 
 
 def read_metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return runfiles.read_metrics(run / "metrics.jsonl", strict=True)
 
 
 def test_a_tiny_run_lowers_validation_loss_and_writes_its_files(tiny_run):

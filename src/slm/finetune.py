@@ -23,6 +23,7 @@ from slm.config import Config, check_resume_changes, flags_from_args, resolve
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.prepare import held_out
+from slm.runlog import RunLog
 from slm.tokenizer import get_tokenizer
 
 FINETUNE_DEFAULTS = {"max_steps": 300, "max_tokens": 0, "max_minutes": 0.0, "learning_rate": 3e-4,
@@ -93,8 +94,8 @@ def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: 
               "conversations": {"train": len(rows), "validation": len(val_rows)},
               "windows": {"train": len(train_sft.starts), "validation": len(val_sft.starts)}}
     runfiles.write_text_atomic(out / "finetune.json", json.dumps(recipe, indent=2) + "\n")
-    with closing(runfiles.MetricsLog(out / "metrics.jsonl")) as metrics:
-        metrics.write({"step": 0, "val_loss": base_loss, "tokens_seen": 0})
+    with closing(RunLog(out, cfg, model.num_parameters(), first_step=0)) as log:  # TensorBoard's too
+        log.write({"step": 0, "val_loss": base_loss, "tokens_seen": 0})
     t = cfg.train
     print(f"fine-tuning {folder} on {len(rows):,} conversations ({len(train_sft.starts):,} windows of "
           f"{cfg.model.block_size} tokens), validating on {len(val_rows):,}; up to {t.max_steps:,} steps, learning "
