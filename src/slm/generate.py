@@ -141,8 +141,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 def cumulative(probs: torch.Tensor) -> torch.Tensor:
     """The cumulative sum along the last dimension in float64, which keeps each id's share of the sum exact
-    (float32 rounding would misplace ~3e-4 of the probability); MPS has no float64."""
-    return probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(dim=-1)
+    (float32 rounding would misplace ~3e-4 of the probability)."""
+    return probs.to(widest_float(probs.device)).cumsum(dim=-1)
+
+
+def widest_float(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 def locate(cdf: torch.Tensor, rows: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -187,7 +191,7 @@ class CompactSampler:
         self.head, self.settings, self.generator = head, settings, generator
         self.K = head.head_ids.numel()
         rare = (head.class_of == self.K).nonzero().squeeze(1)  # ascending ids: ties in q keep the lowest first
-        log_q = head.log_q[rare].double()
+        log_q = head.log_q[rare].to(widest_float(rare.device))
         order = torch.argsort(log_q, descending=True, stable=True)
         self.rare_ids, self.rare_log_q = rare[order], log_q[order]  # (R,), likeliest first
         t = settings.temperature
@@ -197,7 +201,7 @@ class CompactSampler:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, C) -> next ids (B,)."""
-        c = self.head.class_logits(hidden).double()  # (B, K+1): float64 like log q, so rare logits stay exact
+        c = self.head.class_logits(hidden).to(self.rare_log_q.dtype)  # (B, K+1), as precise as log q
         frequent, other = c[:, :self.K], c[:, self.K]
         t, top_k = self.settings.temperature, self.settings.top_k
         if t == 0:
