@@ -109,7 +109,7 @@ class CompactHead(nn.Module):
         self.register_buffer("head_ids", torch.arange(cfg.vocab_head))                      # (K,)
         self.register_buffer("class_of", torch.full((cfg.vocab_size,), cfg.vocab_head))   # (V,) id -> 0..K
         self.register_buffer("log_q", torch.zeros(cfg.vocab_size))                         # (V,) 0 for the K
-        self._cached_weight: tuple[tuple, torch.Tensor] | None = None  # (key, weight): see class_weight
+        self._cached_matrix: tuple[tuple, torch.Tensor] | None = None  # (key, matrix): see output_matrix
 
     def set_frequencies(self, counts: torch.Tensor) -> None:
         """Choose the K most frequent ids of `counts` (V,) and q over the rest, add-one smoothed so that
@@ -126,20 +126,23 @@ class CompactHead(nn.Module):
         self.class_of.copy_(class_of)
         self.log_q.copy_(log_q.to(self.log_q.dtype))
 
-    def class_weight(self) -> torch.Tensor:
-        """(K+1, C): the K frequent ids' embedding rows, then "other". Decoding one token at a time would
-        spend more on gathering these rows than on the matmul, so without autograd the gathered copy is kept
-        until a weight changes (in-place updates bump a tensor's _version; .to() makes new storage)."""
+    def output_matrix(self) -> torch.Tensor:
+        """(C, K+1): the K frequent ids' embedding rows, then "other", as columns. Decoding one token at a
+        time would spend more on gathering these rows than on the matmul, so without autograd a contiguous
+        copy is kept until a weight changes (in-place updates bump a tensor's _version; .to() makes new
+        storage). Contiguous columns also stream: a cold (1, C) @ (C, K+1) took 0.38 ms against 0.86 ms
+        for the transposed (K+1, C) rows on this project's CPU."""
         if torch.is_grad_enabled():
-            return torch.cat([self.wte[0].weight[self.head_ids], self.other])
+            return torch.cat([self.wte[0].weight[self.head_ids], self.other]).t()
         key = tuple((t.data_ptr(), t._version) for t in (self.wte[0].weight, self.other, self.head_ids))
-        if self._cached_weight is None or self._cached_weight[0] != key:
-            self._cached_weight = key, torch.cat([self.wte[0].weight[self.head_ids], self.other])
-        return self._cached_weight[1]
+        if self._cached_matrix is None or self._cached_matrix[0] != key:
+            rows = torch.cat([self.wte[0].weight[self.head_ids], self.other])
+            self._cached_matrix = key, rows.t().contiguous()
+        return self._cached_matrix[1]
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, K+1): the K frequent ids, then "other"."""
-        return x @ self.class_weight().t()
+        return x @ self.output_matrix()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (B, T, V) whose softmax is exactly the head's distribution."""
