@@ -130,3 +130,17 @@ def test_compact_head_is_tied_to_the_token_embedding(compact):
     expected = x[0, 0] @ model.transformer.wte.weight[head_id]
     torch.testing.assert_close(model.lm_head(x)[0, 0, head_id], expected)
     assert not any(name.startswith("lm_head.wte") for name in model.state_dict())
+
+
+def test_the_compact_heads_decoding_cache_follows_weight_updates(compact):
+    model, _ = compact
+    x = torch.randn(2, 1, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = model.lm_head(x)
+        model.transformer.wte.weight.mul_(2.0)  # in place, as an optimizer step updates it
+        model.lm_head.other.add_(1.0)
+        after = model.lm_head(x)
+    with torch.enable_grad():
+        expected = model.lm_head(x).detach()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, atol=1e-12, rtol=0)
