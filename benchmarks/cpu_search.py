@@ -64,7 +64,8 @@ def main() -> int:
             f.write(json.dumps(record) + "\n")
         print(f"{name}: {scores['bits_per_byte']:.4f} bits per byte after {tokens:,} tokens", file=sys.stderr)
     rows = sorted(map(json.loads, results.read_text().splitlines()), key=lambda r: r["bits_per_byte"])
-    print("| candidate | flags over `cpu` | minutes | tokens trained | bits per byte | loss |\n| --- | --- | --- | --- | --- | --- |")
+    print("| candidate | flags over `cpu` | minutes | tokens trained | bits per byte | loss |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['name']} | `{' '.join(r['flags'])}` | {r['minutes']:g} | {r['trained_tokens']:,} | "
               f"{r['bits_per_byte']:.4f} | {r['loss']:.3f} |")

@@ -80,3 +80,25 @@ def test_bench_generate_measures_generation_alone(capsys):
     for name in FIGURES[2:]:
         assert name in table
     assert "prepare:" not in table and "train " not in table
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["emulated", "native"])
+def test_bf16_rows_time_two_steps_where_the_cpu_emulates_bf16_and_say_so(monkeypatch, native):
+    import torch
+
+    from slm import bench
+    from slm.config import resolve
+
+    monkeypatch.setattr(bench, "cpu_has_bf16", lambda: native)
+    flags = {"model": {"n_layer": 1, "n_embd": 32, "block_size": 16},
+             "train": {"batch_size": 2, "micro_batch_size": 2}}
+    configs = {dtype: resolve("tiny", flags={**flags, "train": {**flags["train"], "dtype": dtype}})
+               for dtype in ("float32", "bfloat16")}
+    rows = {dtype: bench.train_row("nanoGPT", cfg, torch.device("cpu"), steps=5)[1] for dtype, cfg in configs.items()}
+    assert (rows["float32"]["timed_steps"], rows["float32"]["emulated_bf16"]) == (5, False)
+    assert rows["bfloat16"]["emulated_bf16"] is not native
+    assert rows["bfloat16"]["timed_steps"] == (5 if native else bench.EMULATED_BF16_STEPS)
+    result = {"machine": {"cpu": "x", "cores": 2, "torch": "t", "python": "p"}, "device": "cpu",
+              "native_cpu_bf16": native, "date": "d", "timed_steps": 5, "warmup_steps": 2, "train": list(rows.values()),
+              "peak_memory_kind": "RSS", "peak_memory_mb": 1.0}
+    assert ("bfloat16 (emulated, 2 steps)" in bench.table(result)) is not native

@@ -162,7 +162,8 @@ def test_sft_batches_are_a_function_of_seed_and_step():
 
 def test_fit_context_drops_the_oldest_turns_but_keeps_the_system_message():
     system = {"role": "system", "content": "Be brief."}
-    turns = [{"role": role, "content": f"{role} message number {i}"} for i in range(6) for role in ("user", "assistant")]
+    turns = [{"role": role, "content": f"{role} message number {i}"}
+             for i in range(6) for role in ("user", "assistant")]
     messages = [system, *turns, {"role": "user", "content": "last question"}]
     fitted = fit_context(messages, max_tokens=60)
     assert fitted[0] == system and fitted[-1] == messages[-1] and fitted[1]["role"] == "user"

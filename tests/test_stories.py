@@ -102,7 +102,8 @@ def test_the_opening_refers_to_the_hero_with_the_right_pronoun(sample):
     checked = 0
     for story in sample:
         opening = story.split("\n")[0]
-        kind = re.search(r"\b(girl|boy|robot) named ", opening) or re.search(r"\b(girl|boy|robot)\. (Her|His|Its) name", opening)
+        kind = (re.search(r"\b(girl|boy|robot) named ", opening)
+                or re.search(r"\b(girl|boy|robot)\. (Her|His|Its) name", opening))
         if kind:
             checked += 1
             assert not re.search(others[kind.group(1)], opening, re.IGNORECASE), opening

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "bench", "measure prepare, training and generation throughput and peak memory")
     p.add_argument("what", nargs="?", choices=("all", "prepare", "nanogpt", "train", "generate"),
                    default="all", help="measure only this part (default: all)")
-    p.add_argument("--preset", choices=preset_names(), default="cpu", help="model and batch of the train and generate figures (default: cpu)")
+    p.add_argument("--preset", choices=preset_names(), default="cpu",
+                   help="model and batch of the train and generate figures (default: cpu)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default: 10)")
     p.add_argument("--new-tokens", type=int, default=200, help="tokens per generation run (default: 200)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "eval-assistant", "score runs on held-out instruction prompts, side by side")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders to compare, e.g. the base and the fine-tune")
     p.add_argument("--prompts", required=True, help="held-out prompts written by `slm make-instructions --prompts-out`")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="checkpoint of each run (default: best)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="checkpoint of each run (default: best)")
     _add_placement(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples")

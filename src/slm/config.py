@@ -200,7 +200,8 @@ def _coerce(value: Any, f: dataclasses.Field, source: str) -> Any:
 
 
 def _field_type(f: dataclasses.Field) -> type:
-    return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+    name = f.type if isinstance(f.type, str) else f.type.__name__
+    return {"int": int, "float": float, "bool": bool, "str": str}[name]
 
 
 def check_resume_changes(saved: Config, asked: Config) -> None:

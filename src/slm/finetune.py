@@ -36,7 +36,8 @@ def finetune_config(base: Config, flags: dict[str, Any]) -> Config:
     settings = {**FINETUNE_DEFAULTS, **flags}
     settings.setdefault("min_learning_rate", settings["learning_rate"] / 10)
     # No prepared data folder: the batches come from the chat file, which finetune.json records.
-    return resolve(flags={"train": settings}, base=dataclasses.replace(base, train=dataclasses.replace(base.train, data="")))
+    without_data = dataclasses.replace(base, train=dataclasses.replace(base.train, data=""))
+    return resolve(flags={"train": settings}, base=without_data)
 
 
 def split(conversations: list[list[Message]], fraction: float, seed: int) -> tuple[list, list]:
