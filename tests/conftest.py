@@ -104,9 +104,8 @@ def reference_gpt2(tmp_path_factory):
         return tiktoken.get_encoding("gpt2")
 
 
-@pytest.fixture
-def compact():
-    """A float64 model with a compact head of 10 classes over 101 ids, two of which were never seen."""
+def compact_model(counts):
+    """A float64 model with a compact head of 10 classes over 101 ids, from these training counts (101,)."""
     import torch
 
     from slm.config import ModelConfig
@@ -115,7 +114,15 @@ def compact():
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_head=10))
     model = model.double().eval()
+    model.lm_head.set_frequencies(counts)
+    return model
+
+
+@pytest.fixture
+def compact():
+    """compact_model of random counts, two ids never seen in training."""
+    import torch
+
     counts = torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5))
     counts[[7, 42]] = 0  # never seen in training
-    model.lm_head.set_frequencies(counts)
-    return model, counts
+    return compact_model(counts), counts

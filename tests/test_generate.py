@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import compact_model, tiny_config
 
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
@@ -328,7 +328,8 @@ def test_draw_follows_the_probabilities_and_never_picks_an_id_of_probability_zer
 
 COMPACT_SETTINGS = [SamplingSettings(temperature=1.0), SamplingSettings(temperature=0.6),
                     SamplingSettings(temperature=1.7), SamplingSettings(temperature=1.0, top_k=4),
-                    SamplingSettings(temperature=0.8, top_k=30), SamplingSettings(temperature=1.0, top_k=6, top_p=0.7)]
+                    SamplingSettings(temperature=0.8, top_k=30), SamplingSettings(temperature=1.0, top_k=6, top_p=0.7),
+                    SamplingSettings(temperature=1.0, top_p=0.5), SamplingSettings(temperature=0.7, top_p=0.95)]
 
 
 @pytest.mark.parametrize("settings", COMPACT_SETTINGS, ids=lambda s: f"t{s.temperature}-k{s.top_k}-p{s.top_p}")
@@ -346,6 +347,24 @@ def test_a_compact_head_samples_the_class_then_the_id_with_the_expanded_distribu
     share = torch.bincount(ids, minlength=101).double() / ids.numel()
     assert (share[expected == 0] == 0).all()  # never an id the filters removed
     assert share[model.lm_head.class_of == 10].sum() > 0.02  # rare ids are drawn, through "other"
+    torch.testing.assert_close(share, expected, atol=0.008, rtol=0)
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings(top_p=0.9), SamplingSettings(temperature=0.8, top_p=0.6)],
+                         ids=["p0.9", "t0.8-p0.6"])
+def test_a_compact_nucleus_is_exact_without_the_expanded_logits_where_q_is_peaked(monkeypatch, settings):
+    counts = torch.ones(101, dtype=torch.long)
+    counts[:10], counts[10:13] = 10_000, torch.tensor([3000, 2000, 1000])  # three rare ids hold most of q
+    model = compact_model(counts)
+    hidden = torch.randn(1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 40
+    with torch.no_grad():  # "other" about as likely as the best class
+        best = model.lm_head.class_logits(hidden)[0, :10].max()
+        model.lm_head.other.copy_(hidden * best / hidden.square().sum())
+        expected = sample_probabilities(model.lm_head(hidden)[0], settings)
+        monkeypatch.setattr(model.lm_head, "forward", None)  # the expanded logits are not needed
+        ids = make_picker(model, settings, torch.Generator().manual_seed(6), seen=None)(hidden.expand(100_000, -1))
+    share = torch.bincount(ids, minlength=101).double() / ids.numel()
+    assert expected[10:13].sum() > 0.1 and (share[expected == 0] == 0).all()
     torch.testing.assert_close(share, expected, atol=0.008, rtol=0)
 
 
@@ -369,11 +388,27 @@ def test_a_compact_heads_greedy_pick_is_the_argmax_of_the_expanded_logits(compac
     assert 0 < rare.sum() < len(rare)  # both kinds of winner were checked
 
 
-def test_the_repetition_penalty_and_top_p_alone_go_through_the_expanded_logits(compact):
+def test_the_repetition_penalty_goes_through_the_expanded_logits(compact):
     model, _ = compact
     seen = torch.zeros(1, 101, dtype=torch.bool)
     assert not isinstance(make_picker(model, SamplingSettings(repetition_penalty=1.3), None, seen), CompactSampler)
-    assert not isinstance(make_picker(model, SamplingSettings(top_p=0.9), None, None), CompactSampler)
+
+
+@pytest.mark.parametrize("scale, other_logit, expanded", [(60, 0.0, False), (0.1, 5.0, True)],
+                         ids=["peaked", "mostly-rare"])
+def test_a_compact_nucleus_needs_the_expanded_logits_only_where_it_reaches_the_rare_ids_left_out(
+        compact, monkeypatch, scale, other_logit, expanded):
+    model, _ = compact
+    hidden = torch.randn(1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * scale
+    with torch.no_grad():  # "other" with 91 rare ids: the 10 likeliest cannot hold 0.9 of the mass it gets
+        model.lm_head.other.copy_(hidden * other_logit / hidden.square().sum())
+    settings = SamplingSettings(top_p=0.9)
+    calls = []
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: calls.append(x) or torch.zeros(x.size(0), 101,
+                                                                                          dtype=x.dtype))
+    with torch.no_grad():
+        make_picker(model, settings, torch.Generator().manual_seed(6), seen=None)(hidden.expand(50, -1))
+    assert bool(calls) is expanded
 
 
 # bfloat16 keeps 8 significant bits: each rounding is within 2^-8 of the value, and a logit is the sum of

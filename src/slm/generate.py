@@ -182,10 +182,13 @@ class CompactSampler:
       exp(c_other/t) * sum(q^(1/t)) and the id within it follows q^(1/t); both are fixed for the call.
     - top-k: the k most likely ids are among the k best classes and the k likeliest rare ids (q's order),
       so the filters run on those 2k candidates alone.
+    - top-p alone: the nucleus is a prefix of all ids sorted by probability. It is found among the K classes
+      and the K likeliest rare ids, with probabilities over the whole vocabulary; every other id is at most
+      as likely as the K-th rare id, so where the nucleus stops above that id it is exact, and elsewhere
+      (a flat distribution) the step goes through the expanded logits.
     - greedy: the best class against the likeliest rare id.
 
-    The repetition penalty changes single ids, and top-p without top-k needs every id sorted: both go
-    through the expanded logits (make_picker)."""
+    The repetition penalty changes single ids: it goes through the expanded logits (make_picker)."""
 
     def __init__(self, head: CompactHead, settings: SamplingSettings, generator: torch.Generator | None) -> None:
         self.head, self.settings, self.generator = head, settings, generator
@@ -195,7 +198,7 @@ class CompactSampler:
         order = torch.argsort(log_q, descending=True, stable=True)
         self.rare_ids, self.rare_log_q = rare[order], log_q[order]  # (R,), likeliest first
         t = settings.temperature
-        if t > 0 and settings.top_k is None:
+        if t > 0 and settings.top_k is None:  # sampling over every id, or the nucleus
             self.other_log_mass = torch.logsumexp(self.rare_log_q / t, dim=0)  # log sum(q^(1/t))
             self.rare_cdf = cumulative(torch.softmax(self.rare_log_q / t, dim=0))  # (R,)
 
@@ -208,6 +211,8 @@ class CompactSampler:
             best = frequent.argmax(dim=-1)
             rare_wins = other + self.rare_log_q[0] > frequent.gather(1, best[:, None]).squeeze(1)
             return torch.where(rare_wins, self.rare_ids[0], self.head.head_ids[best])
+        if top_k is None and self.settings.top_p < 1:
+            return self.nucleus(hidden, frequent, other)
         if top_k is None:
             weights = torch.cat([frequent / t, (other / t + self.other_log_mass)[:, None]], dim=1)
             chosen = draw(torch.softmax(weights, dim=-1), self.generator)  # (B,) a class, K for "other"
@@ -219,12 +224,28 @@ class CompactSampler:
         chosen = sample_next(torch.cat([best_logits, rare_logits], dim=1), self.settings, self.generator)
         return candidates.gather(1, chosen[:, None]).squeeze(1)
 
+    def nucleus(self, hidden: torch.Tensor, frequent: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """top_p_filter and draw over the K classes and the K likeliest rare ids (see the class)."""
+        t, B = self.settings.temperature, frequent.size(0)
+        log_z = torch.logsumexp(torch.cat([frequent / t, (other / t + self.other_log_mass)[:, None]], dim=1), dim=1)
+        rare = (other[:, None] + self.rare_log_q[:self.K]) / t  # (B, <= K)
+        probs = (torch.cat([frequent / t, rare], dim=1) - log_z[:, None]).exp()  # of the whole vocabulary
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        kept = torch.zeros_like(probs, dtype=torch.bool).scatter(
+            -1, order, sorted_probs.cumsum(dim=-1) - sorted_probs < self.settings.top_p)
+        left_out = self.rare_ids.numel() > self.K  # rare ids past the K-th, each at most as likely as it
+        if left_out and (kept & (probs <= probs[:, -1:])).any():  # the nucleus reaches down to them
+            return sample_next(self.head(hidden), self.settings, self.generator)
+        chosen = draw(probs * kept, self.generator)
+        candidates = torch.cat([self.head.head_ids.expand(B, -1), self.rare_ids[:self.K].expand(B, -1)], dim=1)
+        return candidates.gather(1, chosen[:, None]).squeeze(1)
+
 
 def make_picker(model: GPT, settings: SamplingSettings, generator: torch.Generator | None,
                 seen: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function from the last position's hidden state (B, C) to the next ids (B,)."""
     head = model.lm_head
-    if isinstance(head, CompactHead) and seen is None and (settings.top_k is not None or settings.top_p >= 1):
+    if isinstance(head, CompactHead) and seen is None:
         return CompactSampler(head, settings, generator)
     return lambda hidden: sample_next(head(hidden), settings, generator, seen)
 
