@@ -4,7 +4,8 @@ One engine serves `slm generate`, the samples printed in training, chat and the 
 of prompts of any lengths: they are left-padded into one batch, and the KV cache masks the padding and counts
 each row's positions from its first real token, so a row gets the same ids as its prompt decoded alone.
 `stream` turns the ids into text, row by row, ending each row with a finish reason: "stop" (end-of-text or a
-stop string) or "length" (max_new_tokens reached).
+stop string) or "length" (max_new_tokens reached). Each step runs the head at the newest position only; a
+compact head samples its class, then the id (CompactSampler), without building 50,257 logits.
 
 `decode(..., use_cache=False)` recomputes the whole context every step: slow and obviously correct, it is the
 reference the cached path is tested against. When the context window fills, the window slides: the
