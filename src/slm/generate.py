@@ -215,8 +215,7 @@ class CompactSampler:
         if top_k is None and self.settings.top_p < 1:
             return self.nucleus(hidden, frequent, other)
         if top_k is None:
-            weights = torch.cat([frequent / t, (other / t + self.other_log_mass)[:, None]], dim=1)
-            chosen = draw(torch.softmax(weights, dim=-1), self.generator)  # (B,) a class, K for "other"
+            chosen = draw(torch.softmax(self.tempered(frequent, other), dim=-1), self.generator)  # K: "other"
             rare = self.rare_ids[locate(self.rare_cdf, c.size(0), self.generator)]
             return torch.where(chosen == self.K, rare, self.head.head_ids[chosen.clamp(max=self.K - 1)])
         best_logits, best = frequent.topk(min(top_k, self.K), dim=-1)
@@ -225,10 +224,15 @@ class CompactSampler:
         chosen = sample_next(torch.cat([best_logits, rare_logits], dim=1), self.settings, self.generator)
         return candidates.gather(1, chosen[:, None]).squeeze(1)
 
+    def tempered(self, frequent: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """(B, K+1): each class's log weight at the temperature, "other" holding every rare id's."""
+        t = self.settings.temperature
+        return torch.cat([frequent / t, (other / t + self.other_log_mass)[:, None]], dim=1)
+
     def nucleus(self, hidden: torch.Tensor, frequent: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """top_p_filter and draw over the K classes and the K likeliest rare ids (see the class)."""
         t, B = self.settings.temperature, frequent.size(0)
-        log_z = torch.logsumexp(torch.cat([frequent / t, (other / t + self.other_log_mass)[:, None]], dim=1), dim=1)
+        log_z = torch.logsumexp(self.tempered(frequent, other), dim=1)
         rare = (other[:, None] + self.rare_log_q[:self.K]) / t  # (B, <= K)
         probs = (torch.cat([frequent / t, rare], dim=1) - log_z[:, None]).exp()  # of the whole vocabulary
         sorted_probs, order = probs.sort(dim=-1, descending=True)
