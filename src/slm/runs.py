@@ -66,8 +66,8 @@ def preset_of(cfg: Config) -> str:
 
 
 def parameters(run_dir: Path) -> int | None:
-    return runfiles.manifest_field(run_dir / "last", "parameters") or runfiles.manifest_field(run_dir / "best",
-                                                                                             "parameters")
+    counts = (runfiles.manifest_field(run_dir / which, "parameters") for which in ("last", "best"))
+    return next((n for n in counts if n), None)  # none: no checkpoint yet, or one from before manifests had it
 
 
 def duration(seconds: float) -> str:
