@@ -11,14 +11,26 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never the network, whatever the shell says
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# `--dtype auto` picks bfloat16 on CPUs with native bf16 and float32 elsewhere. The suite pins float32 so that
+# its numerics are the same on every CPU; the tests of what auto does take the `auto_resolution` fixture,
+# which runs them both ways on any machine (torchrun workers inherit the variable).
+os.environ["SLM_CPU_BF16"] = "0"
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-sample"
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def auto_resolution(request, monkeypatch) -> str:
+    """Runs a test twice: `--dtype auto` resolving to float32 on the CPU, then to bfloat16 (emulated, so
+    slow, where the CPU lacks native bf16: keep such tests small)."""
+    monkeypatch.setenv("SLM_CPU_BF16", "1" if request.param == "bfloat16" else "0")
+    return request.param
 
 
 @pytest.fixture
 def shared_sample() -> Path:
     if not (SHARED_SAMPLE / "train.txt").is_file():
-        pytest.skip(f"real TinyStories sample not found at {SHARED_SAMPLE} (it sits beside the repository)")
+        pytest.skip(f"real TinyStories sample not found at {SHARED_SAMPLE} ; put the sample there (train.txt, valid.txt) to run this test")
     return SHARED_SAMPLE
 
 

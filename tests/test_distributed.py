@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 def train(data, run, *extra):
     args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "12",
             "--eval-interval", "6", "--batch-size", "8", "--micro-batch-size", "2", "--sample-tokens", "0",
-            "--device", "cpu", "--warmup-steps", "3", *extra]
+            "--device", "cpu", "--warmup-steps", "3", "--dtype", "float32", *extra]  # float32 unless extra says
     result = subprocess.run([sys.executable, "-m", "slm", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
@@ -41,6 +41,30 @@ def test_two_processes_train_the_same_run_as_one(tmp_path, tiny_data):
         torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
 
 
+# bfloat16 keeps 8 significant bits, so one rounding moves a value by up to 2^-8 of it; 1 and 2 processes
+# round the same products but sum the gradients in another order. The losses then agree to a bf16 rounding.
+# Weights may differ more: AdamW moves a weight by about the learning rate whatever its gradient's size, so
+# a gradient near zero whose sign the rounding flips moves the weight up to 2 x lr the other way each step.
+BF16_ROUNDING = 2 ** -8
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_in_bfloat16_where_auto_picks_it(tmp_path, tiny_data, monkeypatch, sharding):
+    monkeypatch.setenv("SLM_CPU_BF16", "1")  # what `--dtype auto` does on a CPU with native bf16
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(tiny_data, one, "--dtype", "auto")
+    result = train(tiny_data, two, "--dtype", "auto", "--nproc", "2", *sharding)
+    assert "bfloat16" in result.stderr
+    for key in ("loss", "val_loss"):
+        assert losses(two, key) == pytest.approx(losses(one, key), rel=BF16_ROUNDING)
+    a, b = load_file(one / "last" / "model.safetensors"), load_file(two / "last" / "model.safetensors")
+    lr, steps = 3e-3, 12  # the tiny preset's peak learning rate; train()'s --max-steps
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=2 * lr * steps, rtol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
@@ -50,7 +74,7 @@ def test_a_two_process_run_killed_and_resumed_in_one_process_continues_the_same_
     train(tiny_data, reference, "--eval-interval", "3")
     args = ["train", "--data", str(tiny_data), "--out", str(run), "--preset", "tiny", "--max-steps", "12",
             "--eval-interval", "3", "--batch-size", "8", "--micro-batch-size", "2", "--sample-tokens", "0",
-            "--device", "cpu", "--warmup-steps", "3", "--nproc", "2", *sharding]
+            "--device", "cpu", "--warmup-steps", "3", "--dtype", "float32", "--nproc", "2", *sharding]
     launcher = subprocess.Popen([sys.executable, "-m", "slm", *args], stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     deadline = time.monotonic() + 300

@@ -328,7 +328,8 @@ def test_gguf_export_reads_back_with_llama_cpp_names_metadata_and_weights(tmp_pa
 def test_llama_cpp_runs_the_gguf_export_with_slms_logits_and_greedy_text(tmp_path, trained_runs, vocab_head):
     """llama.cpp itself as the judge. llama-cpp-python compiles llama.cpp from source (minutes), so it is not
     in the test extra: `pip install llama-cpp-python` to run this."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama.cpp judges the GGUF export: pip install llama-cpp-python==0.3.36 (compiles minutes)")
     run = trained_runs[vocab_head]
     out = tmp_path / "model.gguf"
     assert main(["export", str(run), "--format", "gguf", "--dtype", "f32", "--out", str(out)]) == 0

@@ -55,9 +55,10 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_a_random_step_and_resumed_ends_bit_identical(tmp_path, tiny_data):
+def test_a_run_killed_at_a_random_step_and_resumed_ends_bit_identical(tmp_path, tiny_data, auto_resolution):
     reference = tmp_path / "reference"
-    subprocess.run(slm(*train_args(tiny_data, reference)), check=True, capture_output=True)
+    result = subprocess.run(slm(*train_args(tiny_data, reference)), check=True, capture_output=True, text=True)
+    assert f"device cpu, {auto_resolution}" in result.stderr  # --dtype auto, as the fixture resolves it
 
     kill_at = random.randint(8, 36)  # anywhere, a checkpoint write included: one happens every 5 steps
     run = tmp_path / "killed"

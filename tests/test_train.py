@@ -119,9 +119,11 @@ def test_the_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_p
     assert lrs[:4] == pytest.approx([cfg.train.learning_rate * (s + 1) / 4 for s in range(4)])
 
 
-def test_the_same_seed_gives_the_same_losses(tmp_path, tiny_data):
+def test_the_same_seed_gives_the_same_losses_in_either_precision_of_auto(tmp_path, tiny_data, auto_resolution,
+                                                                         capsys):
     cfg = tiny_config(tiny_data, max_steps=6, eval_interval=6)
     start(cfg, tmp_path / "a")
+    assert f"device cpu, {auto_resolution}" in capsys.readouterr().err
     start(cfg, tmp_path / "b")
     loss = lambda run: [r.get("loss", r.get("val_loss")) for r in read_metrics(run)]
     assert loss(tmp_path / "a") == loss(tmp_path / "b")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import torch
@@ -38,13 +39,29 @@ def cpu_has_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
+CPU_BF16_ENV = "SLM_CPU_BF16"
+
+
+def auto_uses_bf16_on_cpu() -> bool:
+    """What `--dtype auto` decides on a CPU: bfloat16 where it is native. SLM_CPU_BF16=1 or 0 overrides the
+    detection, so that auto resolves to bfloat16 or float32 on any CPU: the tests run both resolutions on
+    every machine, and a user can pin either for every command at once."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise SlmError(f"{CPU_BF16_ENV} must be 1 (auto picks bfloat16 on the CPU) or 0 (float32), got {forced!r}; "
+                       f"unset it to let slm detect the CPU")
+    return cpu_has_bf16()
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA where supported (float16 on older GPUs) and on CPUs with native bf16, else
-    float32."""
+    """auto: bfloat16 on CUDA where supported (float16 on older GPUs) and on CPUs with native bf16 (see
+    auto_uses_bf16_on_cpu), else float32."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_bf16():
+        if device.type == "cpu" and auto_uses_bf16_on_cpu():
             return torch.bfloat16
         return torch.float32
     return _DTYPES[name]
