@@ -229,3 +229,19 @@ def test_a_bad_json_line_on_stdin_is_a_one_line_error(tiny_run, monkeypatch, cap
     monkeypatch.setattr("sys.stdin", io.StringIO('[{"role": "robot", "content": "hi"}]\n'))
     assert main(["chat", str(tiny_run), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("slm: error: stdin line 1: message 1 has role 'robot'")
+
+
+def test_slm_chat_samples_as_the_runs_sampling_json_says_unless_a_flag_says_otherwise(tiny_run, tmp_path,
+                                                                                    monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "sampling.json").write_text('{"temperature": 0}')
+
+    def answers(*flags):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Tom had a\n"))
+        assert main(["chat", str(run), "--max-new-tokens", "12", "--device", "cpu", *flags]) == 0
+        return capsys.readouterr().out
+
+    greedy = {answers("--seed", str(seed)) for seed in range(3)}
+    assert greedy == {answers("--temperature", "0")}  # the run's temperature 0: the same answer whatever the seed
+    assert len({answers("--seed", str(seed), "--temperature", "2") for seed in range(4)}) > 1

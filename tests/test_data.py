@@ -50,3 +50,41 @@ def test_token_counts_are_counted_in_chunks_and_match_bincount(tmp_path):
     write_prepared(tmp_path, tokens, tokens[:100])
     counts = data.token_counts(data.open_split(tmp_path, "train"), vocab_size=60, chunk=7)
     assert np.array_equal(counts, np.bincount(tokens, minlength=60))
+
+
+def test_conditioned_rows_are_a_request_then_its_story_from_the_start_with_the_loss_on_the_story(tmp_path):
+    from slm.chat import MARKERS
+    from slm.constraints import check
+    from slm.model import IGNORE_INDEX
+    from slm.stories import demo_documents
+    from slm.tokenizer import EOT_ID, get_tokenizer
+
+    tok = get_tokenizer()
+    stories = [s for _, s in zip(range(60), demo_documents("train"))]
+    ids = np.array([i for s in stories for i in tok.encode(s) + [EOT_ID]], dtype=np.uint16)
+    write_prepared(tmp_path, ids, ids[:500])
+    tokens = data.open_split(tmp_path, "train")
+    starts, ends = data.document_bounds(tokens, EOT_ID, chunk=1000)  # chunked: documents cross chunk edges
+    assert len(starts) == 60 and [tok.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends)] == stories
+
+    rows = data.ConditionedRows(tokens, 128, seed=3)
+    made = [rows.row(step=7, index=index) for index in range(40)]
+    assert sum(m is not None for m in made) >= 36  # None: no short enough request in 8 draws, a plain row then
+    for row, learn, constraints in filter(None, made):
+        assert len(row) == len(learn) == 129 and constraints
+        request = tok.decode(row[~learn].tolist())
+        assert request.startswith(MARKERS["user"]) and request.endswith(MARKERS["assistant"])
+        answer = tok.decode(row[learn].tolist())
+        assert any(answer.startswith(story[:50]) for story in stories)  # a story from its start
+        # what the request asks that a row can show is in the row: the words, the character, the first sentence
+        shown = {key: constraints[key] for key in ("words", "name", "starts") if key in constraints}
+        assert all(score == 1.0 for score in check(shown, answer).values()), (request, answer)
+    again, _, _ = data.ConditionedRows(tokens, 128, seed=3).row(step=7, index=5)
+    assert np.array_equal(again, rows.row(step=7, index=5)[0])  # a pure function of (seed, step, row)
+
+    x, y = data.get_mixed_batch(tokens, np.array([0, 10, 20, 30]), 128, torch.device("cpu"), rows, step=2,
+                                rows=[0, 1, 2, 3], share=1.0, seed=3)
+    assert x.shape == y.shape == (4, 128) and (y == IGNORE_INDEX).any(dim=1).all()
+    x, y = data.get_mixed_batch(tokens, np.array([0, 10]), 128, torch.device("cpu"), rows, step=2, rows=[0, 1],
+                                share=0.0, seed=3)
+    assert (y != IGNORE_INDEX).all() and x[1].tolist() == tokens[10:138].tolist()

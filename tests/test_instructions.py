@@ -1,79 +1,98 @@
 import json
-import random
+from itertools import islice
 
 import pytest
 
 from slm.chat import read_conversations
 from slm.cli import main
+from slm.constraints import HELD_OUT, PHRASINGS, check, main_character, uses_word
 from slm.errors import SlmError
-from slm.instructions import NAME_QUESTION, main_character, make_instructions, story_row, uses_word
-
-CONTINUE = "Continue this story: "
-STARTS = "Write a story that starts with: "
+from slm.instructions import make_instructions
+from slm.stories import demo_documents
 
 
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def story_of(row):
-    """The story a row was made from, its whitespace normalized."""
-    question, answer = (m["content"] for m in row["messages"])
-    text = {"words": answer, "starts": answer, "continue": question.removeprefix(CONTINUE) + " " + answer,
-            "name": question.removesuffix(NAME_QUESTION)}
-    return " ".join(text[row["kind"]].split())
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """300 demo stories as a .txt file: a source with no validation split of its own."""
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(islice(demo_documents("train"), 300)) + "\n")
+    return path
 
 
 @pytest.fixture(scope="module")
-def demo_instructions(tmp_path_factory):
+def made(corpus, tmp_path_factory):
     folder = tmp_path_factory.mktemp("instructions")
-    make_instructions("demo", folder / "chat.jsonl", folder / "prompts.jsonl", held_out_value=0.2, max_stories=300)
+    make_instructions(str(corpus), folder / "chat.jsonl", folder / "prompts.jsonl", held_out_value=0.2, epochs=2)
     return folder / "chat.jsonl", folder / "prompts.jsonl"
 
 
-def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_data(tmp_path, demo_instructions):
-    chat, prompts = demo_instructions
-    make_instructions("demo", tmp_path / "a.jsonl", tmp_path / "p.jsonl", held_out_value=0.2, max_stories=300)
+def test_the_same_seed_gives_the_same_bytes_and_another_seed_other_data(tmp_path, corpus, made):
+    chat, prompts = made
+    make_instructions(str(corpus), tmp_path / "a.jsonl", tmp_path / "p.jsonl", held_out_value=0.2, epochs=2)
     assert (tmp_path / "a.jsonl").read_bytes() == chat.read_bytes()
     assert (tmp_path / "p.jsonl").read_bytes() == prompts.read_bytes()
-    make_instructions("demo", tmp_path / "b.jsonl", held_out_value=0, seed=7, max_stories=300)
+    make_instructions(str(corpus), tmp_path / "b.jsonl", held_out_value=0.2, seed=7, epochs=2)
     assert (tmp_path / "b.jsonl").read_bytes() != chat.read_bytes()
 
 
-def test_every_answer_is_backed_by_its_story(demo_instructions):
-    chat, prompts = demo_instructions
-    made = rows(chat) + rows(prompts)
-    assert {row["kind"] for row in made} == {"words", "continue", "starts", "name"}
-    for row in made:
-        question, answer = (m["content"] for m in row["messages"])
-        if row["kind"] == "words":
-            assert len(row["words"]) == 3 and all(uses_word(answer, word) for word in row["words"])
-            assert all(word in question for word in row["words"])
-        elif row["kind"] == "name":
-            assert question.endswith(NAME_QUESTION) and answer == row["name"] and uses_word(question, answer)
-        elif row["kind"] == "starts":
-            assert answer.startswith(question.removeprefix(STARTS))
-        else:  # cut between two sentences
+def test_every_kind_is_made_and_every_answer_satisfies_its_request(made):
+    chat, prompts = made
+    made_rows = rows(chat) + rows(prompts)
+    assert {row["kind"] for row in rows(chat)} == {"story", "continue", "who", "follow_up"}
+    for row in made_rows:
+        question, answer = row["messages"][-2]["content"], row["messages"][-1]["content"]
+        if row["kind"] in ("story", "follow_up"):
+            assert all(score == 1.0 for score in check(row["constraints"], answer).values()), question
+            assert all(word in question for word in row["constraints"].get("words", []))
+        elif row["kind"] == "who":
+            assert answer == row["constraints"]["name"] and uses_word(question, answer)
+        else:  # continue: the question holds the first sentences, the answer the rest
             assert question[-1] in '.!?"' and (answer[0].isupper() or answer[0] == '"')
 
 
-def test_held_out_prompts_come_from_stories_disjoint_from_the_training_ones(demo_instructions):
-    chat, prompts = demo_instructions
-    held = rows(prompts)
-    assert {row["kind"] for row in held} == {"words", "name"}
-    assert 30 <= len(held) <= 90  # a fifth of 300 stories
-    assert not {story_of(row) for row in held} & {story_of(row) for row in rows(chat)}
+def test_each_epoch_draws_fresh_requests_for_the_same_stories(made):
+    chat, _ = made
+    by_epoch = rows(chat)
+    half = len(by_epoch) // 2
+    first, second = by_epoch[:half], by_epoch[half:]
+    assert len(first) == len(second)
+    assert sum(a["messages"][0]["content"] != b["messages"][0]["content"] for a, b in zip(first, second)) > half / 2
 
 
-def test_the_outputs_are_chat_data_that_finetune_reads(demo_instructions):
-    chat, prompts = demo_instructions
+def test_held_out_wordings_never_appear_in_training_rows_and_half_the_prompts_use_them(made):
+    chat, prompts = made
+    held_phrasings = [p.split("{")[0].strip() for options in PHRASINGS.values() for p in options[-HELD_OUT:]]
+    for row in rows(chat):
+        for message in row["messages"]:
+            if message["role"] == "user":
+                assert not [p for p in held_phrasings if len(p) > 8 and p in message["content"]], message
+    wordings = [row["wording"] for row in rows(prompts)]
+    assert set(wordings) == {"seen", "held_out"} and abs(wordings.count("seen") - wordings.count("held_out")) <= 1
+
+
+def test_held_out_prompts_come_from_stories_disjoint_from_the_training_ones(made):
+    chat, prompts = made
+    held = {row["messages"][-1]["content"] for row in rows(prompts)}
+    assert all(row["kind"] == "story" for row in rows(prompts)) and 30 <= len(held) <= 90  # a fifth of 300
+    trained = {row["messages"][-1]["content"] for row in rows(chat) if row["kind"] in ("story", "follow_up")}
+    assert not held & trained
+
+
+def test_a_source_with_a_validation_split_gives_prompts_from_it(tmp_path):
+    make_instructions("demo", tmp_path / "c.jsonl", tmp_path / "p.jsonl", max_stories=20, max_prompts=10)
+    validation = set(islice(demo_documents("validation"), 10))
+    assert len(rows(tmp_path / "c.jsonl")) == 20
+    assert {row["messages"][-1]["content"] for row in rows(tmp_path / "p.jsonl")} <= validation
+
+
+def test_the_outputs_are_chat_data_that_finetune_reads(made):
+    chat, prompts = made
     assert len(read_conversations(chat)) == len(rows(chat))
     assert len(read_conversations(prompts)) == len(rows(prompts))
-
-
-def test_a_whole_number_holds_out_the_first_stories(tmp_path):
-    make_instructions("demo", tmp_path / "c.jsonl", tmp_path / "p.jsonl", held_out_value=5, max_stories=20)
-    assert len(rows(tmp_path / "p.jsonl")) == 5 and len(rows(tmp_path / "c.jsonl")) == 15
 
 
 @pytest.mark.parametrize("story, name", [
@@ -92,12 +111,6 @@ def test_words_are_matched_whole_and_without_case():
     assert not uses_word("balloons everywhere", "ball")
 
 
-def test_a_story_without_a_name_gets_an_unnamed_words_prompt():
-    row = story_row("The cat found a shiny red ribbon near the garden gate.", random.Random(0), ("words",))
-    assert row["name"] is None
-    assert row["messages"][0]["content"].startswith("Write a story that uses the words ")
-
-
 def test_existing_outputs_are_kept_unless_forced_and_no_temporary_file_remains(tmp_path):
     out = tmp_path / "chat.jsonl"
     out.write_text("keep me")
@@ -110,11 +123,10 @@ def test_existing_outputs_are_kept_unless_forced_and_no_temporary_file_remains(t
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--held-out", "5"], "--held-out needs --prompts-out"),
     (["--prompts-out", "p.jsonl", "--held-out", "2.5"], "a fraction in [0, 1) or a whole number"),
     (["--prompts-out", "p.jsonl", "--held-out", "-1"], "a fraction in [0, 1) or a whole number"),
     (["--prompts-out", "chat.jsonl"], "must be different files"),
-    (["--prompts-out", "p.jsonl", "--held-out", "30"], "gave no training conversations"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
     (["--max-stories", "-1"], "--max-stories must be 0"),
 ])
 def test_bad_make_instructions_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):

@@ -243,8 +243,26 @@ def test_an_api_key_is_enforced_when_set(tiny_run):
         assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
         friend = openai.OpenAI(base_url=f"{base}/v1", api_key="sesame", max_retries=0)
         assert friend.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2).choices
-        assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": tiny_run.name, "max_tokens": 4,
-                                                      "api_key_required": True}
+        assert httpx.get(f"{base}/health").json() == {
+            "status": "ok", "model": tiny_run.name, "max_tokens": 4, "api_key_required": True,
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0}}  # no sampling.json: OpenAI's
+
+
+def test_settings_a_request_leaves_out_come_from_the_runs_sampling_json(tiny_run, tmp_path, model):
+    run = tmp_path / "greedy"
+    shutil.copytree(tiny_run, run)
+    (run / "sampling.json").write_text('{"temperature": 0, "repetition_penalty": 1.0}')
+    with serve_in_thread(create_app(run, device="cpu", max_tokens=12)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert httpx.get(f"{base}/health").json()["sampling"] == {"temperature": 0.0, "top_p": 1.0,
+                                                                  "repetition_penalty": 1.0}
+        texts = {client.completions.create(model="greedy", prompt="Tom", seed=seed).choices[0].text for seed in (1, 2)}
+        assert texts == {alone(model, get_tokenizer().encode("Tom"), 12)}  # greedy whatever the seed
+        sampled = {client.completions.create(model="greedy", prompt="Tom", seed=seed, temperature=2.0).choices[0].text
+                   for seed in (1, 2, 3)}
+        assert len(sampled) > 1  # a request's own temperature wins
+    (run / "sampling.json").write_text('{"temperature": "hot"}')
+    assert main(["serve", str(run)]) == 2  # a bad file is a one-line error, not a traceback
 
 
 def test_serve_refuses_bad_limits_in_one_line(tiny_run, capsys):

@@ -41,6 +41,7 @@ from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.generate import SamplingSettings, make_generator, stream
 from slm.model import GPT, IGNORE_INDEX
+from slm.runfiles import read_sampling
 from slm.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -337,7 +338,11 @@ def main(args) -> int:
     device = pick_device(args.device)
     folder = checkpoint_dir(args.run, args.checkpoint)
     model, cfg, _ = load_model(folder, device, pick_dtype(args.dtype, device))
-    settings = SamplingSettings(args.temperature, args.top_k, max_new_tokens=args.max_new_tokens)
+    # The run's own sampling (RUN/sampling.json) where no flag is given, else SamplingSettings' defaults.
+    given = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty")
+             if getattr(args, key) is not None}
+    settings = SamplingSettings(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                **{"temperature": 0.8, **read_sampling(args.run), **given})
     settings.check(cfg.model.vocab_size)
     session = ChatSession(model, args.system, settings, make_generator(device, args.seed))
     if sys.stdin.isatty():

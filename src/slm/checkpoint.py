@@ -43,14 +43,17 @@ HISTORY = "history"
 TIED_HEAD = "lm_head.weight"
 
 
-def prepare_run_dir(run_dir: Path, force: bool) -> None:
-    """Make RUN for a new run; never silently overwrite another run or unrelated files."""
-    if run_dir.exists() and any(run_dir.iterdir()):
+def prepare_run_dir(run_dir: Path, force: bool, keep: frozenset[str] = frozenset()) -> None:
+    """Make RUN for a new run; never silently overwrite another run or unrelated files. Entries named in
+    `keep` (what `slm run assistant` puts there before fine-tuning) may be there and stay."""
+    present = [p for p in run_dir.iterdir() if p.name not in keep] if run_dir.is_dir() else []
+    if present:
         if not (run_dir / "config.toml").exists():
             raise SlmError(f"{run_dir} exists and is not an slm run folder; choose an empty or new --out")
         if not force:
             raise SlmError(f"{run_dir} already holds a run; pass --force to overwrite it or choose another --out")
-        shutil.rmtree(run_dir)
+        for path in present:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 

@@ -46,7 +46,8 @@ EXAMPLES = {
     "run": """examples:
   slm run demo                                          # offline: prepare, train (CPU, <10 min), generate
   slm run tinystories --out runs/tinystories            # the real corpus from the hub (GPU recommended)
-  slm run assistant                                     # demo base -> instructions -> fine-tune -> scores""",
+  slm run assistant --source stories.txt --out runs/me   # an assistant from your stories, 20 min on a CPU
+  slm run assistant --max-minutes 5                     # the demo corpus, a quicker and weaker one""",
     "bench": """examples:
   slm bench --save                                     # everything; also writes benchmarks/results/*.json
   slm bench nanogpt                                    # nanoGPT's 4x128 model: float32/bf16, full/compact head
@@ -178,9 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", choices=("demo", "tinystories", "assistant"), help="which pipeline")
     p.add_argument("--out", default=None, help="run folder (default: runs/PIPELINE)")
     p.add_argument("--data-out", default=None, help="prepared data folder (default: data/PIPELINE)")
-    p.add_argument("--max-minutes", type=float, default=None, help="training time budget in minutes")
-    p.add_argument("--base", default=None,
-                   help="assistant: the pretrained run to fine-tune (default: runs/demo, trained first if absent)")
+    p.add_argument("--max-minutes", type=float, default=None, help="training time budget in minutes "
+                   "(assistant: of both stages together; default 20)")
+    p.add_argument("--source", default=None, help="assistant: the story corpus, any source `slm prepare` takes "
+                   "(default: demo)")
+    p.add_argument("--preset", default=None, choices=preset_names(),
+                   help="assistant: the model and batch preset of both stages (default: cpu)")
+    p.add_argument("--eval-prompts", type=int, default=60,
+                   help="assistant: held-out requests scored at the end, per model (default: 60)")
     p.add_argument("--force", action="store_true", help="replace existing data and run folders")
     p.set_defaults(module="run")
 
@@ -203,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .jsonl file of training conversations to write")
     p.add_argument("--prompts-out", metavar="FILE", help="also write held-out prompts, for `slm eval-assistant`")
     p.add_argument("--held-out", type=float, default=None, metavar="N|FRACTION",
-                   help="stories held out for --prompts-out: the first N, or a fraction (default: 100)")
+                   help="where the source has no validation split: training stories held out for --prompts-out, "
+                        "the first N or a fraction (default: 100)")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="conversations per training story, each with fresh random choices (default: 1)")
     p.add_argument("--max-stories", type=int, default=0, help="read at most this many stories (default: 0, all)")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/parquet/HF rows")
     p.add_argument("--seed", type=int, default=1337, help="seed of the instruction kinds and word choices")
@@ -229,8 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_choice(p)
     p.add_argument("--system", default=None, help="a system message that starts every conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default: 0.8)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; higher = more random (default: the run's sampling.json, else 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling probability (default: the run's sampling.json, else 1)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="above 1, ids already used get less likely (default: the run's sampling.json, else 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling; the same seed gives the same answers")
     p.set_defaults(module="chat")
 
@@ -243,8 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest ids up to this "
+                   "probability (default: 1, all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1, ids already in the prompt or answer get less likely (default: 1, none)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling when --temperature > 0 (default: 0)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="also print the first N answers of each run")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(module="eval_assistant")

@@ -88,6 +88,8 @@ class TrainConfig:
     max_tokens: int = _help("stop after this many training tokens (0: no token limit)", 0)
     max_minutes: float = _help("stop after this many minutes of training; the LR then decays over "
                                "the time budget (0: no time limit)", 0.0)
+    instruct_share: float = _help("share of training rows that are a whole story preceded by a request it "
+                                  "satisfies (instruction-conditioned pretraining; the loss skips the request)", 0.0)
     eval_interval: int = _help("evaluate, print a sample and save checkpoints every this many steps", 200)
     eval_batches: int = _help("validation micro-batches per evaluation (a fixed set, the same every time)", 20)
     sample_tokens: int = _help("tokens of the sample printed at each evaluation (0: none)", 48)
@@ -121,6 +123,8 @@ class TrainConfig:
         for name in ("warmup_steps", "weight_decay", "grad_clip", "max_tokens", "max_minutes", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise SlmError(f"--{name.replace('_', '-')} must not be negative (got {getattr(self, name)})")
+        if not 0 <= self.instruct_share <= 1:
+            raise SlmError(f"--instruct-share must be between 0 and 1 (got {self.instruct_share})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise SlmError(f"--beta1 and --beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if self.device not in DEVICES:

@@ -7,13 +7,18 @@ of a distributed run slices the same global batch, so the data order never depen
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from slm.chat import render_text
+from slm.constraints import story_facts, story_request
 from slm.errors import SlmError
+from slm.model import IGNORE_INDEX
 from slm.prepare import read_meta
+from slm.tokenizer import EOT_ID, get_tokenizer
 
 SPLITS = ("train", "validation")
 _VALIDATION_STREAM = 2**31 - 1  # a step number training never reaches: the fixed validation windows
@@ -60,3 +65,71 @@ def token_counts(tokens: np.memmap, vocab_size: int, chunk: int = 1 << 24) -> np
     for start in range(0, len(tokens), chunk):
         counts += np.bincount(tokens[start:start + chunk], minlength=vocab_size)[:vocab_size]
     return counts
+
+
+def document_bounds(tokens: np.memmap, eot_id: int, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of every document that ends with EOT: tokens[start:end] is its text, tokens[end] its EOT.
+    Found a chunk at a time, so a corpus larger than RAM works."""
+    ends = np.concatenate([np.flatnonzero(tokens[i:i + chunk] == eot_id) + i for i in range(0, len(tokens), chunk)]
+                          or [np.zeros(0, dtype=np.int64)])
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    keep = ends > starts
+    return starts[keep], ends[keep]
+
+
+class ConditionedRows:
+    """Instruction-conditioned pretraining (--instruct-share): a training row that is a whole story from its
+    start, preceded by a request the story satisfies, in the chat template:
+
+        <|user|>\\n{request}\\n<|assistant|>\\n{story}<|endoftext|>{the next documents, to fill the row}
+
+    The request is drawn afresh each time a story is drawn (slm.constraints, training wordings only), from
+    the part of the story the row holds, so every requested word and name is in the row; the loss skips the
+    request, so the model learns to answer requests, not to write them. Row r of step s depends only on
+    (seed, s, r), so runs stay repeatable and resumable."""
+
+    def __init__(self, tokens: np.memmap, block_size: int, seed: int) -> None:
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+        self.tokenizer = get_tokenizer()
+        self.starts, self.ends = document_bounds(tokens, EOT_ID)
+        if not len(self.starts):
+            raise SlmError("--instruct-share needs documents separated by end-of-text; the train split has none")
+
+    def row(self, step: int, index: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
+        """(ids, learn, constraints): block_size + 1 ids, learn False on the request, and what the request
+        asks; None when eight draws gave no request short enough to leave the row its story's start."""
+        rng = random.Random(f"{self.seed}:{step}:{index}")
+        room = self.block_size * 3 // 8  # for the request; the story's first 5/8 of the row is always in it
+        for _ in range(8):
+            doc = rng.randrange(len(self.starts))
+            start, end = int(self.starts[doc]), int(self.ends[doc])
+            visible = self.tokenizer.decode(self.tokens[start:min(end, start + self.block_size - room)].tolist())
+            made = story_request(story_facts(self.tokenizer.decode(self.tokens[start:end].tolist()), visible), rng)
+            if made is None:
+                continue
+            prefix = self.tokenizer.encode(render_text([{"role": "user", "content": made[0]}],
+                                                       add_generation_prompt=True))
+            if len(prefix) <= room:
+                break
+        else:
+            return None
+        body = np.asarray(self.tokens[start:start + self.block_size + 1 - len(prefix)], dtype=np.int64)
+        ids = np.concatenate([np.array(prefix, dtype=np.int64), body])
+        if len(ids) < self.block_size + 1:  # the end of the corpus: wrap to its start, a document start too
+            ids = np.concatenate([ids, np.asarray(self.tokens[:self.block_size + 1 - len(ids)], dtype=np.int64)])
+        return ids, np.arange(self.block_size + 1) >= len(prefix), made[1]
+
+
+def get_mixed_batch(tokens: np.memmap, starts: np.ndarray, block_size: int, device: torch.device,
+                    conditioned: ConditionedRows, step: int, rows: list[int], share: float,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """get_batch, with each row (the global batch's row numbers `rows`) replaced by a conditioned row with
+    probability `share`; targets are IGNORE_INDEX on the requests."""
+    xs, ys = [], []
+    for row, s in zip(rows, starts):
+        made = conditioned.row(step, row) if np.random.default_rng((seed, step, row)).random() < share else None
+        ids, learn = made[:2] if made else (np.asarray(tokens[s:s + block_size + 1], dtype=np.int64),
+                                            np.ones(block_size + 1, bool))
+        xs.append(ids[:-1])
+        ys.append(np.where(learn[1:], ids[1:], IGNORE_INDEX))
+    return torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device)

@@ -1,20 +1,27 @@
-"""`slm eval-assistant`: how well runs follow the held-out prompts of `slm make-instructions`, side by side.
+"""`slm eval-assistant`: how well runs follow held-out story requests, side by side.
 
-Three scores, each one a reader can check by hand in the answers:
-    words  the mean share of the requested words ("... uses the words A, B and C") the answer uses, as whole
-           words ignoring case: does the model follow what the instruction asks for?
-    name   the share of "What is the name of the main character in this story?" answered with exactly the
-           name (surrounding punctuation aside): reading the story in the prompt, and answering the question
-           instead of going on with a story, which a base model tends to do.
-    ended  the share of answers that ended with end-of-text within --max-new-tokens: does it end its turn?
-Answers are greedy by default (--temperature 0), so the scores belong to the checkpoint, not to luck; prompts
-are decoded --batch-size at a time (generate.complete pads each batch, so a row gets the ids it would alone).
+The prompts come from `slm make-instructions --prompts-out`: requests made from stories no training saw,
+half in wordings training used and half in wordings it never used (constraints.HELD_OUT). Each answer is
+scored by constraints.check, the checker that also built the requests, and by what makes it a story:
+
+    words     mean share of the requested words the answer uses (whole words, any case)
+    name      share of answers that name the requested character
+    starts, ends, dialogue, length    share of answers that start / end with the given sentence, have
+              dialogue or none as asked, are as short or long as asked
+    story     share of answers that are prose (30+ words in 3+ sentences), not a word list
+    ended     share of answers that ended by themselves (end-of-text) within --max-new-tokens
+    n_words   mean answer length in words
+    distinct4 mean share of distinct word 4-grams within an answer: 1 is no repetition, low is a loop
+
+Each score is reported over all prompts and apart for seen and held-out wordings. Answers are greedy by
+default (--temperature 0), so the scores belong to the checkpoint, not to luck.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +29,19 @@ import torch
 
 from slm.chat import Message, check_messages, prompt_ids
 from slm.checkpoint import checkpoint_dir, load_model
+from slm.constraints import check, distinct_4grams, is_story, word_count
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.generate import SamplingSettings, complete, make_generator
-from slm.instructions import EVAL_KINDS, uses_word
 from slm.tokenizer import get_tokenizer
 
-SCORES = ("words", "name", "ended")
+CONSTRAINTS = ("words", "name", "starts", "ends", "dialogue", "length")
+SCORES = (*CONSTRAINTS, "story", "ended", "n_words", "distinct4")
+WORDINGS = ("all", "seen", "held_out")
+Prompt = tuple[dict[str, Any], list[Message]]
 
 
-def words_score(answer: str, words: list[str]) -> float:
-    return sum(uses_word(answer, word) for word in words) / len(words)
-
-
-def name_score(answer: str, name: str) -> float:
-    return float(answer.strip().strip(".!?\"'").strip().casefold() == name.casefold())
-
-
-def read_prompts(path: str | Path) -> list[tuple[dict[str, Any], list[Message]]]:
+def read_prompts(path: str | Path) -> list[Prompt]:
     """(row, conversation to answer) for each row; a final assistant message is the reference answer and
     is left out of the conversation."""
     path = Path(path)
@@ -57,13 +59,12 @@ def read_prompts(path: str | Path) -> list[tuple[dict[str, Any], list[Message]]]
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise SlmError(f"{where} is not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or row.get("kind") not in EVAL_KINDS:
-            raise SlmError(f"{where}: \"kind\" must be one of {', '.join(EVAL_KINDS)}, the prompts this command scores")
-        if row["kind"] == "words" and not (isinstance(row.get("words"), list) and row["words"]
-                                           and all(isinstance(w, str) for w in row["words"])):
-            raise SlmError(f"{where}: a words prompt needs \"words\", a list of the requested words")
-        if row["kind"] == "name" and not isinstance(row.get("name"), str):
-            raise SlmError(f"{where}: a name prompt needs \"name\", the expected answer")
+        constraints = row.get("constraints") if isinstance(row, dict) else None
+        if not isinstance(constraints, dict) or not constraints or not set(constraints) <= set(CONSTRAINTS):
+            raise SlmError(f"{where}: \"constraints\" must be an object with some of {', '.join(CONSTRAINTS)}")
+        if "words" in constraints and not (isinstance(constraints["words"], list) and constraints["words"]
+                                           and all(isinstance(w, str) for w in constraints["words"])):
+            raise SlmError(f"{where}: \"words\" must be a non-empty list of the requested words")
         messages = check_messages(row.get("messages"), where)
         conversation = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         if not conversation:
@@ -74,33 +75,57 @@ def read_prompts(path: str | Path) -> list[tuple[dict[str, Any], list[Message]]]
     return prompts
 
 
-def score_run(folder: Path, prompts: list[tuple[dict[str, Any], list[Message]]], device: torch.device,
-              settings: SamplingSettings, seed: int, batch_size: int,
-              dtype: torch.dtype = torch.float32) -> dict[str, float | None]:
-    """Each score of one checkpoint over the prompts (None for a kind the prompts do not have)."""
-    model, cfg, _ = load_model(folder, device, dtype)
-    settings.check(cfg.model.vocab_size)
-    generator = make_generator(device, seed)
-    results: dict[str, list[float]] = {score: [] for score in SCORES}
+def answer_scores(constraints: dict[str, Any], answer: str, ended: bool) -> dict[str, float]:
+    """Every score of one answer: each constraint's (constraints.check), then what makes it a story."""
+    return {**check(constraints, answer), "story": float(is_story(answer)), "ended": float(ended),
+            "n_words": float(word_count(answer)), "distinct4": distinct_4grams(answer)}
+
+
+def summarize(scored: list[tuple[str, dict[str, float]]]) -> dict[str, dict[str, float | None]]:
+    """Mean of each score over the answers that have it, per wording ("all", "seen", "held_out")."""
+    values: dict[str, dict[str, list[float]]] = {w: defaultdict(list) for w in WORDINGS}
+    for wording, scores in scored:
+        for key, value in scores.items():
+            values["all"][key].append(value)
+            if wording in values:
+                values[wording][key].append(value)
+    return {w: {s: sum(v[s]) / len(v[s]) if v[s] else None for s in SCORES} for w, v in values.items()}
+
+
+def answer_prompts(model: torch.nn.Module, prompts: list[Prompt], settings: SamplingSettings,
+                   generator: torch.Generator | None, batch_size: int) -> list[tuple[str, bool]]:
+    """(answer text, ended by itself) for each prompt, decoded batch_size at a time."""
+    answers = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        answers = complete(model, get_tokenizer(), [prompt_ids(conversation) for _, conversation in batch],
-                           settings, generator)
-        for (row, _), answer in zip(batch, answers):
-            if row["kind"] == "words":
-                results["words"].append(words_score(answer.text, row["words"]))
-            else:
-                results["name"].append(name_score(answer.text, row["name"]))
-            results["ended"].append(float(answer.finish_reason == "stop"))  # end-of-text: no stop strings are set
-    return {score: sum(values) / len(values) if values else None for score, values in results.items()}
+        done = complete(model, get_tokenizer(), [prompt_ids(conversation) for _, conversation in batch],
+                        settings, generator)
+        answers += [(a.text, a.finish_reason == "stop") for a in done]  # no stop strings: stop is end-of-text
+    return answers
+
+
+def score_run(folder: Path, prompts: list[Prompt], device: torch.device, settings: SamplingSettings, seed: int,
+              batch_size: int, dtype: torch.dtype = torch.float32) -> tuple[dict[str, Any], list[str]]:
+    """(scores per wording, answers) of one checkpoint over the prompts."""
+    model, cfg, _ = load_model(folder, device, dtype)
+    settings.check(cfg.model.vocab_size)
+    answers = answer_prompts(model, prompts, settings, make_generator(device, seed), batch_size)
+    scored = [(row.get("wording", "seen"), answer_scores(row["constraints"], text, ended))
+              for (row, _), (text, ended) in zip(prompts, answers)]
+    return summarize(scored), [text for text, _ in answers]
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    """One line per run and wording; a dash where no prompt asked for that constraint."""
     width = max(len("run"), *(len(r["run"]) for r in results))
-    lines = [f"{'run':<{width}}  " + "  ".join(f"{score:>6}" for score in SCORES)]
+    lines = [f"{'run':<{width}}  {'wording':<8}  " + "  ".join(f"{s:>9}" for s in SCORES)]
     for r in results:
-        lines.append(f"{r['run']:<{width}}  " + "  ".join("     -" if r[score] is None else f"{r[score]:6.3f}"
-                                                          for score in SCORES))
+        for wording in WORDINGS:
+            cells = []
+            for score in SCORES:
+                value = r["scores"][wording][score]
+                cells.append(f"{'-':>9}" if value is None else f"{value:9.1f}" if score == "n_words" else f"{value:9.3f}")
+            lines.append(f"{r['run']:<{width}}  {wording:<8}  " + "  ".join(cells))
     return "\n".join(lines)
 
 
@@ -111,18 +136,22 @@ def main(args) -> int:
     folders = [checkpoint_dir(run, args.checkpoint) for run in args.runs]  # a wrong run fails before any work
     prompts = read_prompts(args.prompts)[:args.limit]
     device = pick_device(args.device)
-    settings = SamplingSettings(args.temperature, args.top_k, max_new_tokens=args.max_new_tokens)
+    settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                                max_new_tokens=args.max_new_tokens)
     results = []
     for run, folder in zip(args.runs, folders):
-        scores = score_run(folder, prompts, device, settings, args.seed, args.batch_size,
-                           pick_dtype(args.dtype, device))
-        results.append({"run": str(run), "checkpoint": str(folder), **scores})
-    counts = {kind: sum(row["kind"] == kind for row, _ in prompts) for kind in EVAL_KINDS}
+        scores, answers = score_run(folder, prompts, device, settings, args.seed, args.batch_size,
+                                    pick_dtype(args.dtype, device))
+        results.append({"run": str(run), "checkpoint": str(folder), "scores": scores})
+        if args.show:
+            for (_, conversation), answer in zip(prompts[:args.show], answers):
+                print(f"--- {run}: {conversation[-1]['content']}\n{answer.strip()}\n", file=sys.stderr)
+    counts = {w: sum(row.get("wording", "seen") == w for row, _ in prompts) for w in WORDINGS[1:]}
     if args.json:
         print(json.dumps({"prompts": str(args.prompts), "counts": counts, "results": results}))
     else:
         how = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}, seed {args.seed}"
-        print(f"{args.prompts}: {', '.join(f'{n} {kind}' for kind, n in counts.items())} prompts; {how}, "
-              f"up to {args.max_new_tokens} new tokens", file=sys.stderr)
+        print(f"{args.prompts}: {counts['seen']} prompts in seen wordings, {counts['held_out']} in held-out ones; "
+              f"{how}, up to {args.max_new_tokens} new tokens", file=sys.stderr)
         print(table(results))
     return 0

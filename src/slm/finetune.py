@@ -27,7 +27,7 @@ from slm.runlog import RunLog
 from slm.tokenizer import get_tokenizer
 
 FINETUNE_DEFAULTS = {"max_steps": 300, "max_tokens": 0, "max_minutes": 0.0, "learning_rate": 3e-4,
-                     "warmup_steps": 30, "eval_interval": 50}
+                     "warmup_steps": 30, "eval_interval": 50, "instruct_share": 0.0}
 
 
 def finetune_config(base: Config, flags: dict[str, Any]) -> Config:
@@ -56,7 +56,7 @@ def split(conversations: list[list[Message]], fraction: float, seed: int) -> tup
 
 def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: str | Path | None = None,
              val_fraction: float = 0.05, flags: dict[str, Any] | None = None, which: str = "best",
-             force: bool = False, resume: bool = False) -> train.TrainState:
+             force: bool = False, resume: bool = False, keep: frozenset[str] = frozenset()) -> train.TrainState:
     """Fine-tune RUN/which on the conversations of `data` into the new run folder `out`; with `resume`,
     continue that fine-tune from its newest valid checkpoint (same data, only budgets may change)."""
     folder = checkpoint.checkpoint_dir(base_run, which)
@@ -80,7 +80,7 @@ def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: 
         rows, val_rows = split(conversations, val_fraction, cfg.train.seed)
     train_sft, val_sft = pack(rows, cfg.model.block_size), pack(val_rows, cfg.model.block_size)
     if not resume_from:  # now that the data is known good: --force must not delete a run for a typo in it
-        checkpoint.prepare_run_dir(out, force)
+        checkpoint.prepare_run_dir(out, force, keep)
     runfiles.write_text_atomic(out / "config.toml", cfg.to_toml())
     device = pick_device(cfg.train.device)
     val_batches = validation_batches(val_sft, cfg, device)

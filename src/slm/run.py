@@ -1,12 +1,13 @@
 """`slm run demo|tinystories|assistant`: the stages chained, with nothing of their own.
 
 demo, tinystories: prepare -> train -> generate.
-assistant: a base run (reused, or trained as `slm run demo` does) -> make-instructions -> finetune ->
-a few held-out instructions answered, and both runs' assistant scores side by side.
+assistant: prepare -> make-instructions -> instruction-conditioned pretraining -> finetune, in one run folder;
+a few held-out requests answered, and the pretrained and fine-tuned models' scores side by side.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,8 +22,14 @@ PIPELINES = {
     "tinystories": {"source": "tinystories", "preset": "seed", "train": {}},
 }
 PROMPTS = ("Once upon a time", "One day, a little", "Tom and his dog")
-ASSISTANT_STEPS = 300
-ASSISTANT_PROMPTS = 60  # held-out prompts scored per run: enough to compare, quick on a CPU
+# `slm run assistant`'s recipe, chosen by measurement (benchmarks/assistant.md): pretraining in which
+# instruct_share of the rows are stories preceded by a request they satisfy, for pretrain_share of the time
+# budget, then fine-tuning on make-instructions' conversations (`epochs` per story, fresh choices each).
+RECIPE = {"instruct_share": 0.5, "pretrain_share": 0.8, "epochs": 3, "val_fraction": 0.02, "seed": 1337}
+ASSISTANT_MINUTES = 20.0
+# The sampling an assistant run is served with (slm chat, slm serve, the web page), written into the run.
+SAMPLING = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+KEPT = frozenset({"data", "pretrain", "chat.jsonl", "prompts.jsonl"})  # what RUN holds before fine-tuning
 
 
 def pretrain(pipeline: str, data_dir: Path, run_dir: Path, max_minutes: float | None, force: bool) -> None:
@@ -51,44 +58,58 @@ def stories(run_dir: Path) -> None:
         print(f"\n--- story {i + 1} ---\n{story.strip()}")
 
 
-def assistant(base: Path, data_dir: Path, out: Path, force: bool) -> None:
-    from slm.chat import prompt_ids
-    from slm.checkpoint import checkpoint_dir, load_model
+def assistant(source: str, out: Path, max_minutes: float, preset: str, force: bool, eval_prompts: int) -> None:
+    """RECIPE's stages into `out`: data/, pretrain/ (the model fine-tuning starts from), chat.jsonl and
+    prompts.jsonl, then the assistant itself in `out`, with the sampling it is served with."""
+    import shutil
+
+    from slm import prepare, runfiles, train
+    from slm.checkpoint import checkpoint_dir
     from slm.device import pick_device
+    from slm.errors import SlmError
     from slm.eval_assistant import read_prompts, score_run, table
     from slm.finetune import finetune
-    from slm.generate import SamplingSettings, complete
+    from slm.generate import SamplingSettings
     from slm.instructions import make_instructions
-    from slm.tokenizer import get_tokenizer
 
-    chat, held_out = data_dir / "chat.jsonl", data_dir / "prompts.jsonl"
-    if chat.is_file() and held_out.is_file() and not force:
-        print(f"using the instructions in {chat} (--force makes them again)", file=sys.stderr)
-    else:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        make_instructions("demo", chat, held_out, held_out_value=100, force=True)
-    finetune(base, chat, out, val_data=held_out, flags={"max_steps": ASSISTANT_STEPS}, force=force)
+    if max_minutes <= 0:
+        raise SlmError(f"--max-minutes must be positive (got {max_minutes:g}); it is the whole training budget")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise SlmError(f"{out} already exists; pass --force to replace it or choose another --out")
+        if not ((out / "config.toml").is_file() or (out / "pretrain").is_dir()):
+            raise SlmError(f"{out} is not a run folder of `slm run assistant`; choose an empty or new --out")
+        shutil.rmtree(out)
+    data = out / "data"
+    prepare.prepare(source, data, val_fraction=RECIPE["val_fraction"], seed=RECIPE["seed"])
+    # The prompts' stories are the prepared validation split's: the same split, or the same hash of (seed, index).
+    make_instructions(source, out / "chat.jsonl", out / "prompts.jsonl", held_out_value=RECIPE["val_fraction"],
+                      seed=RECIPE["seed"], epochs=RECIPE["epochs"])
+    pretrain_minutes = max_minutes * RECIPE["pretrain_share"]
+    cfg = resolve(preset, flags={"train": {"data": str(data), "max_minutes": pretrain_minutes, "max_steps": 10**9,
+                                           "instruct_share": RECIPE["instruct_share"], "seed": RECIPE["seed"]}})
+    train.start(cfg, out / "pretrain")
+    finetune(out / "pretrain", out / "chat.jsonl", out, val_data=out / "prompts.jsonl", keep=KEPT,
+             flags={"max_minutes": max_minutes - pretrain_minutes, "max_steps": 10**9, "eval_interval": 100})
+    runfiles.write_text_atomic(out / runfiles.SAMPLING_FILE, json.dumps(SAMPLING, indent=2) + "\n")
 
-    prompts = read_prompts(held_out)[:ASSISTANT_PROMPTS]
-    device = pick_device("auto")
-    settings = SamplingSettings(temperature=0.0, max_new_tokens=160)
-    model, _, _ = load_model(checkpoint_dir(out, "best"), device)
-    answers = complete(model, get_tokenizer(), [prompt_ids(messages) for _, messages in prompts[:3]], settings)
+    prompts = read_prompts(out / "prompts.jsonl")[:eval_prompts]
+    device, greedy = pick_device("auto"), SamplingSettings(temperature=0.0, max_new_tokens=200)
+    results = []
+    for run in (out / "pretrain", out):
+        scores, answers = score_run(checkpoint_dir(run, "best"), prompts, device, greedy, 0, 8)
+        results.append({"run": str(run), "scores": scores})
     for (_, messages), answer in zip(prompts[:3], answers):
-        print(f"\n--- instruction ---\n{messages[-1]['content'].strip()}\n--- answer ---\n{answer.text.strip()}")
-    results = [{"run": str(run), **score_run(checkpoint_dir(run, "best"), prompts, device, settings, 0, 8)}
-               for run in (base, out)]
-    print(f"\nassistant scores on {len(prompts)} held-out prompts (greedy):\n{table(results)}")
+        print(f"\n--- request ---\n{messages[-1]['content'].strip()}\n--- answer ---\n{answer.strip()}")
+    print(f"\nassistant scores on {len(prompts)} requests from held-out stories (greedy):\n{table(results)}")
 
 
 def main(args) -> int:
     started = time.perf_counter()
     if args.pipeline == "assistant":
-        base = Path(args.base or "runs/demo")
-        if not (base / "config.toml").is_file():
-            pretrain("demo", Path(args.data_out or "data/demo"), base, args.max_minutes, args.force)
         out = Path(args.out or "runs/assistant")
-        assistant(base, Path("data/assistant"), out, args.force)
+        assistant(args.source or "demo", out, args.max_minutes or ASSISTANT_MINUTES, args.preset or "cpu", args.force,
+                  args.eval_prompts)
     else:
         out = Path(args.out or f"runs/{args.pipeline}")
         pretrain(args.pipeline, Path(args.data_out or f"data/{args.pipeline}"), out, args.max_minutes, args.force)

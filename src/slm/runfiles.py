@@ -83,3 +83,26 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+SAMPLING_FILE = "sampling.json"
+SAMPLING_KEYS = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "repetition_penalty": (1e-9, 10.0)}
+
+
+def read_sampling(run: str | Path) -> dict[str, float]:
+    """RUN/sampling.json: the sampling a run is served with by default (`slm run assistant` writes the measured
+    choice there); {} when the run has none. A flag or a request's own value wins over it."""
+    path = Path(run) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict) or not set(values) <= set(SAMPLING_KEYS):
+            raise ValueError(f"keys must be some of {', '.join(SAMPLING_KEYS)}")
+        for key, value in values.items():
+            low, high = SAMPLING_KEYS[key]
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{key} must be a number in [{low:g}, {high:g}]")
+    except ValueError as err:
+        raise SlmError(f"{path} is not valid ({err}); fix or delete it") from None
+    return {key: float(value) for key, value in values.items()}

@@ -7,7 +7,10 @@
     POST /v1/chat/completions   answer a conversation, rendered with chat.py's template
 
 Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list),
-`seed`, `stream` and `stream_options.include_usage`; other OpenAI fields are ignored. With `stream: true`
+`seed`, `stream` and `stream_options.include_usage`, and `repetition_penalty` (vLLM's and llama.cpp's
+extension); other OpenAI fields are ignored. A sampling setting a request leaves out comes from the run's
+sampling.json (written by `slm run assistant` from its measurements; GET /health shows it), else OpenAI's
+default. With `stream: true`
 the answer comes as server-sent events, one chunk per piece of text, ending with `data: [DONE]`. Each
 choice ends with the engine's finish reason: "stop" (end-of-text or a stop string) or "length".
 
@@ -64,6 +67,7 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.device import pick_device, pick_dtype
 from slm.generate import MAX_NEW_TOKENS, SamplingSettings, TextDelta, make_generator, stream
 from slm.model import GPT
+from slm.runfiles import read_sampling
 from slm.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("slm.serve")
@@ -213,8 +217,10 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    # None: the run's sampling.json, else OpenAI's defaults (Server.sampling)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # not OpenAI's; vLLM's and llama.cpp's name
     n: int = Field(1, ge=1)
     stop: Stop | list[Stop] | None = None
     seed: int | None = None
@@ -234,8 +240,11 @@ class ChatRequest(Sampling):
 class Server:
     """The model and its limits; turns requests into jobs for the worker, and their deltas into responses."""
 
-    def __init__(self, model: GPT, model_id: str, created: int, max_tokens: int, max_batch: int) -> None:
+    def __init__(self, model: GPT, model_id: str, created: int, max_tokens: int, max_batch: int,
+                 sampling: dict[str, float] | None = None) -> None:
         self.model, self.model_id, self.created = model, model_id, created
+        # What a request that leaves a setting out gets: the run's measured choice over OpenAI's defaults.
+        self.sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, **(sampling or {})}
         self.max_tokens, self.max_batch = max_tokens, max_batch
         self.tokenizer = get_tokenizer()
         self.worker = Worker(model, self.tokenizer, max_batch)
@@ -273,8 +282,9 @@ class Server:
                                "with room for at least one new token", "messages" if isinstance(body, ChatRequest)
                                else "prompt", "context_length_exceeded")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        settings = SamplingSettings(body.temperature, top_p=body.top_p, max_new_tokens=self.max_new_tokens(body),
-                                    stop=stop)
+        chosen = {key: default if getattr(body, key) is None else getattr(body, key)
+                  for key, default in self.sampling.items()}
+        settings = SamplingSettings(**chosen, max_new_tokens=self.max_new_tokens(body), stop=stop)
         return Job([ids for ids in prompts for _ in range(body.n)], settings, body.seed, asyncio.get_running_loop())
 
     async def respond(self, body: Sampling, make_prompts, kind: str) -> dict[str, Any] | StreamingResponse:
@@ -377,7 +387,7 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
     placement = pick_device(device)
     model, _, _ = load_model(folder, placement, pick_dtype(dtype, placement))
     created = int((folder / "model.safetensors").stat().st_mtime)
-    server = Server(model, Path(run).resolve().name, created, max_tokens, max_batch)
+    server = Server(model, Path(run).resolve().name, created, max_tokens, max_batch, read_sampling(run))
     page = resources.files("slm").joinpath("chat.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
@@ -422,6 +432,7 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": server.model_id, "max_tokens": server.max_tokens,
+                "sampling": server.sampling,
                 "api_key_required": api_key is not None}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
