@@ -69,3 +69,15 @@ def test_a_word_list_is_not_a_story_and_a_loop_is_caught():
     loop = "Lily went to the park. " + "She played with the ball. " * 20
     assert distinct_4grams(loop) < 0.3
     assert distinct_4grams(STORY) == pytest.approx(1.0)
+
+
+def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wording():
+    from slm.constraints import request_words
+
+    assert request_words("Write a story about Lily that uses the words ball, tree and happy.") == [
+        "Lily", "ball", "tree", "happy"]
+    assert request_words("hey can you make up a bedtime story for my kid? it should be about Max and mention "
+                         "dinosaurs, rain") == ["Max", "dinosaurs", "rain"]
+    assert request_words('Story time! Character: Sue. Keywords: "jump", "blue".') == ["Sue", "jump", "blue"]
+    assert request_words("Tell me a story.") == []
+    assert request_words("word " * 41) == []  # a long message holds text to work on, not a request

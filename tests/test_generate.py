@@ -452,3 +452,34 @@ def test_generate_and_eval_accept_dtype_bfloat16(tiny_run, tiny_data, capsys):
                      "--json"]) == 0
         losses[dtype] = json.loads(capsys.readouterr().out)["loss"]
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+def test_word_first_ids_are_the_first_ids_of_each_written_form_that_hold_the_word():
+    from slm.constraints import word_first_ids
+    from slm.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    [ball, lily] = word_first_ids(tok, ["ball", "Lily"])
+    assert {tok.encode(" ball")[0], tok.encode(" Ball")[0], tok.encode("Ball")[0]} <= ball
+    assert tok.encode(" Lily")[0] in lily and tok.encode(" lily")[0] not in lily  # a name keeps its case
+    for ids in word_first_ids(tok, ["strawberries", "umbrella"]):
+        assert all(len(tok.decode([i]).strip()) >= 3 for i in ids)  # never a bare " st" or " u"
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, top_p=0.9)], ids=["greedy", "top-p"])
+def test_a_word_bias_writes_each_requested_word_once_then_lets_the_model_be(gpt2_model, sampling):
+    from slm.constraints import word_first_ids
+    from slm.generate import complete
+    from slm.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()  # gpt2_model is random: by itself it would never write these words
+    words = [word_first_ids(tok, ["ball", "tree"]), word_first_ids(tok, ["Lily"])]
+    settings = SamplingSettings(max_new_tokens=12, word_bias=100.0, **sampling)
+    prompts = [tok.encode("Once upon a time"), tok.encode("Tom had")]
+    pushed = complete(gpt2_model, tok, prompts, settings, torch.Generator().manual_seed(0), words)
+    plain = complete(gpt2_model, tok, prompts, dataclasses.replace(settings, word_bias=0.0),
+                     torch.Generator().manual_seed(0), words)
+    first_ids = [tok.encode(p.text)[:2] for p in pushed]
+    assert set(first_ids[0]) <= words[0][0] | words[0][1] and len({i in words[0][0] for i in first_ids[0]}) == 2
+    assert first_ids[1][0] in words[1][0] and first_ids[1][1] not in words[1][0]  # once: then the bias is gone
+    assert "ball" not in plain[0].text and "Lily" not in plain[1].text

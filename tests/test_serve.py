@@ -161,9 +161,9 @@ def test_requests_waiting_when_a_batch_starts_share_it_but_a_seeded_one_runs_alo
 
     engine, batches = slm.serve.stream, []
 
-    def spy(model, tokenizer, prompts, settings, generator):
+    def spy(model, tokenizer, prompts, settings, generator, words):
         batches.append(len(prompts))
-        return engine(model, tokenizer, prompts, settings, generator)
+        return engine(model, tokenizer, prompts, settings, generator, words)
 
     monkeypatch.setattr(slm.serve, "stream", spy)
     tokenizer = get_tokenizer()
@@ -245,7 +245,7 @@ def test_an_api_key_is_enforced_when_set(tiny_run):
         assert friend.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2).choices
         assert httpx.get(f"{base}/health").json() == {
             "status": "ok", "model": tiny_run.name, "max_tokens": 4, "api_key_required": True,
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0}}  # no sampling.json: OpenAI's
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0}}  # OpenAI's
 
 
 def test_settings_a_request_leaves_out_come_from_the_runs_sampling_json(tiny_run, tmp_path, model):
@@ -255,12 +255,16 @@ def test_settings_a_request_leaves_out_come_from_the_runs_sampling_json(tiny_run
     with serve_in_thread(create_app(run, device="cpu", max_tokens=12)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         assert httpx.get(f"{base}/health").json()["sampling"] == {"temperature": 0.0, "top_p": 1.0,
-                                                                  "repetition_penalty": 1.0}
+                                                                  "repetition_penalty": 1.0, "word_bias": 0.0}
         texts = {client.completions.create(model="greedy", prompt="Tom", seed=seed).choices[0].text for seed in (1, 2)}
         assert texts == {alone(model, get_tokenizer().encode("Tom"), 12)}  # greedy whatever the seed
         sampled = {client.completions.create(model="greedy", prompt="Tom", seed=seed, temperature=2.0).choices[0].text
                    for seed in (1, 2, 3)}
         assert len(sampled) > 1  # a request's own temperature wins
+        asked = [{"role": "user", "content": "Write about a dragon."}]
+        plain = client.chat.completions.create(model="greedy", messages=asked).choices[0].message.content
+        pushed = client.chat.completions.create(model="greedy", messages=asked, extra_body={"word_bias": 100})
+        assert "dragon" not in plain.lower() and pushed.choices[0].message.content.lstrip().lower().startswith("dragon")
     (run / "sampling.json").write_text('{"temperature": "hot"}')
     assert main(["serve", str(run)]) == 2  # a bad file is a one-line error, not a traceback
 

@@ -39,6 +39,7 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.config import Config
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
+from slm.constraints import request_words, word_first_ids
 from slm.generate import SamplingSettings, make_generator, stream
 from slm.model import GPT, IGNORE_INDEX
 from slm.runfiles import read_sampling
@@ -96,6 +97,12 @@ def render(messages: list[Message], add_generation_prompt: bool = False) -> tupl
 def prompt_ids(messages: list[Message]) -> list[int]:
     """The ids to generate the next assistant message from: the conversation, then the assistant marker."""
     return render(messages, add_generation_prompt=True)[0]
+
+
+def request_words_of(messages: list[Message]) -> list[str]:
+    """The words the newest user message names (constraints.request_words), for --word-bias."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return request_words(users[-1]) if users else []
 
 
 def fit_context(messages: list[Message], max_tokens: int) -> list[Message]:
@@ -260,7 +267,8 @@ class ChatSession:
         """Stream the text of the next assistant message, which ends at end-of-text. The prompt leaves room
         for an answer of up to half the context; a longer one slides the window over its own beginning."""
         fitted = fit_for_answer(messages, self.model.config.block_size, self.settings.max_new_tokens)
-        for delta in stream(self.model, get_tokenizer(), [prompt_ids(fitted)], self.settings, self.generator):
+        words = [word_first_ids(get_tokenizer(), request_words_of(messages))] if self.settings.word_bias else None
+        for delta in stream(self.model, get_tokenizer(), [prompt_ids(fitted)], self.settings, self.generator, words):
             yield delta.text
 
     def say(self, text: str) -> Iterator[str]:
@@ -339,7 +347,7 @@ def main(args) -> int:
     folder = checkpoint_dir(args.run, args.checkpoint)
     model, cfg, _ = load_model(folder, device, pick_dtype(args.dtype, device))
     # The run's own sampling (RUN/sampling.json) where no flag is given, else SamplingSettings' defaults.
-    given = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty")
+    given = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "word_bias")
              if getattr(args, key) is not None}
     settings = SamplingSettings(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                                 **{"temperature": 0.8, **read_sampling(args.run), **given})

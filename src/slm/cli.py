@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus sampling probability (default: the run's sampling.json, else 1)")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="above 1, ids already used get less likely (default: the run's sampling.json, else 1)")
+    p.add_argument("--word-bias", type=float, default=None, help="added to the logits of the words a request "
+                   "names until the answer uses each (default: the run's sampling.json, else 0)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling; the same seed gives the same answers")
     p.set_defaults(module="chat")
 
@@ -263,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="above 1, ids already in the prompt or answer get less likely (default: 1, none)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling when --temperature > 0 (default: 0)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
+    p.add_argument("--word-bias", type=float, default=0.0,
+                   help="added to the logits of the words a request names until the answer uses each (default: 0)")
     p.add_argument("--show", type=int, default=0, metavar="N", help="also print the first N answers of each run")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -223,6 +223,54 @@ def story_request(facts: Facts, rng: random.Random, wording: str = "seen") -> tu
     return " ".join([text, *extra]), constraints
 
 
+# ---- the words a request names ----------------------------------------------------------------------
+
+# Words of requests that are not what the story is to hold: every phrasing's own words, and more that people
+# use to ask for a story. What is left of a short request is what it names: characters, things, feelings.
+_REQUEST_VOCABULARY = frozenset(w.lower() for options in PHRASINGS.values() for p in options
+                                for w in _ANY_WORD.findall(p)) | frozenset("""story stories tale tales write
+tell make give words word include including includes use uses using used mention mentions please character
+characters named called main hero heroine keywords keyword vocabulary required require need needs want like love
+bedtime kid kids child children short shorter long longer sentence sentences first last end ending start
+starting begin beginning dialogue talk talking speech lines line quote quotes about featuring starring someone
+somewhere inside hey hello thanks thank could would should must might also really very nice little new text all
+following list these those kind sort type character's""".split())
+REQUEST_WORDS_LIMIT = 40  # a longer message carries text to work on (a story to continue), not a request
+
+
+def request_words(message: str) -> list[str]:
+    """The words a short request names that an answer should use: its names and content words, in order,
+    without function words and the words people ask with. [] for a message of over REQUEST_WORDS_LIMIT words."""
+    words = _ANY_WORD.findall(message)
+    if len(words) > REQUEST_WORDS_LIMIT:
+        return []
+    skip = _STOPWORDS | _REQUEST_VOCABULARY
+    kept = [w.strip("'") for w in words if len(w.strip("'")) >= 3 and w.strip("'").lower() not in skip]
+    return list(dict.fromkeys(w if w[0].isupper() and w.lower() not in _STOPWORDS else w.lower() for w in kept
+                              if w.lower() not in {x.lower() for x in _NOT_NAMES}))
+
+
+Words = list[frozenset[int]]  # per requested word, the first ids of its written forms
+
+
+def word_first_ids(tokenizer: Any, words: list[str]) -> Words:
+    """For each word, the first id of " word", "word", " Word" and "Word" (a name: of " Name" and "Name"),
+    keeping only ids that hold 3 or more of its letters (all of a shorter word): a first id such as " st"
+    would push every word that starts so."""
+    result = []
+    for word in words:
+        forms = {word, word.capitalize()}
+        ids = set()
+        for form in forms:
+            for text in (" " + form, form):
+                first = tokenizer.encode(text)[0]
+                if len(tokenizer.decode([first]).strip()) >= min(3, len(word)):
+                    ids.add(first)
+        if ids:
+            result.append(frozenset(ids))
+    return result
+
+
 # ---- scoring an answer ------------------------------------------------------------------------------
 
 def distinct_4grams(text: str) -> float:

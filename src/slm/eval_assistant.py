@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from slm.chat import Message, check_messages, prompt_ids
+from slm.chat import Message, check_messages, prompt_ids, request_words_of
 from slm.checkpoint import checkpoint_dir, load_model
-from slm.constraints import check, distinct_4grams, is_story, word_count
+from slm.constraints import check, distinct_4grams, is_story, word_count, word_first_ids
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.generate import SamplingSettings, complete, make_generator
@@ -95,11 +95,12 @@ def summarize(scored: list[tuple[str, dict[str, float]]]) -> dict[str, dict[str,
 def answer_prompts(model: torch.nn.Module, prompts: list[Prompt], settings: SamplingSettings,
                    generator: torch.Generator | None, batch_size: int) -> list[tuple[str, bool]]:
     """(answer text, ended by itself) for each prompt, decoded batch_size at a time."""
-    answers = []
+    answers, tokenizer = [], get_tokenizer()
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        done = complete(model, get_tokenizer(), [prompt_ids(conversation) for _, conversation in batch],
-                        settings, generator)
+        words = [word_first_ids(tokenizer, request_words_of(conversation)) for _, conversation in batch]
+        done = complete(model, tokenizer, [prompt_ids(conversation) for _, conversation in batch], settings,
+                        generator, words)
         answers += [(a.text, a.finish_reason == "stop") for a in done]  # no stop strings: stop is end-of-text
     return answers
 
@@ -137,7 +138,7 @@ def main(args) -> int:
     prompts = read_prompts(args.prompts)[:args.limit]
     device = pick_device(args.device)
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                                max_new_tokens=args.max_new_tokens)
+                                max_new_tokens=args.max_new_tokens, word_bias=args.word_bias)
     results = []
     for run, folder in zip(args.runs, folders):
         scores, answers = score_run(folder, prompts, device, settings, args.seed, args.batch_size,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slm.constraints import Words
 from slm.errors import SlmError
 from slm.model import GPT, CompactHead
 from slm.tokenizer import StreamDecoder, Tokenizer
@@ -41,6 +42,8 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # CTRL: above 1, ids already in the prompt or the output get less likely
     max_new_tokens: int = 200
     stop: tuple[str, ...] = ()  # a row ends when its text contains one of these; its text ends before it
+    # added to the logit of each word a request names (its first id, in each form) until the row writes it
+    word_bias: float = 0.0
 
     def check(self, vocab_size: int) -> None:
         """Raise SlmError naming the flag of the first bad value. `not x >= 0` rather than `x < 0` refuses NaN."""
@@ -54,6 +57,8 @@ class SamplingSettings:
             raise SlmError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); use 1 for none")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise SlmError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS} (got {self.max_new_tokens})")
+        if not 0 <= self.word_bias <= 100:
+            raise SlmError(f"--word-bias must be between 0 and 100 (got {self.word_bias}); use 0 for none")
         if "" in self.stop:
             raise SlmError("--stop must not be empty: every text contains the empty string")
 
@@ -247,12 +252,36 @@ class CompactSampler:
 
 
 def make_picker(model: GPT, settings: SamplingSettings, generator: torch.Generator | None,
-                seen: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function from the last position's hidden state (B, C) to the next ids (B,)."""
+                seen: torch.Tensor | None, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from the last position's hidden state (B, C) to the next ids (B,); `bias` (B, V) is
+    added to the logits first."""
     head = model.lm_head
-    if isinstance(head, CompactHead) and seen is None:
+    if isinstance(head, CompactHead) and seen is None and bias is None:
         return CompactSampler(head, settings, generator)
-    return lambda hidden: sample_next(head(hidden), settings, generator, seen)
+    if bias is None:
+        return lambda hidden: sample_next(head(hidden), settings, generator, seen)
+    return lambda hidden: sample_next(head(hidden) + bias, settings, generator, seen)
+
+
+class WordBias:
+    """The (B, V) logit bias of each row's requested words; a word's bias goes once the row writes its first id."""
+
+    def __init__(self, words: list[Words], strength: float, vocab_size: int, device: torch.device) -> None:
+        self.left, self.strength = [list(row) for row in words], strength
+        self.bias = torch.zeros(len(words), vocab_size, device=device)
+        for row in range(len(words)):
+            self.reset(row)
+
+    def reset(self, row: int) -> None:
+        self.bias[row] = 0
+        for ids in self.left[row]:
+            self.bias[row, list(ids)] = self.strength
+
+    def written(self, next_ids: list[int]) -> None:
+        for row, next_id in enumerate(next_ids):
+            if any(next_id in ids for ids in self.left[row]):
+                self.left[row] = [ids for ids in self.left[row] if next_id not in ids]
+                self.reset(row)
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
@@ -264,21 +293,24 @@ def keep_last(context: torch.Tensor, pad: list[int], width: int) -> tuple[torch.
 
 
 def decode(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
-           generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+           generator: torch.Generator | None = None, use_cache: bool = True,
+           words: list[Words] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) of every row, settings.max_new_tokens times, after prompts of any lengths; every
-    row runs to the end (stop strings and end-of-text are `stream`'s business). The settings and prompts are
-    checked on the call, before the first step is asked for. Full recompute takes prompts of one length."""
+    row runs to the end (stop strings and end-of-text are `stream`'s business). `words`: each row's requested
+    words (word_first_ids), pushed by settings.word_bias. The settings and prompts are checked on the call,
+    before the first step is asked for. Full recompute takes prompts of one length."""
     settings.check(model.config.vocab_size)
     if not prompts or not all(prompts):
         raise SlmError("every prompt needs at least one token; end-of-text alone starts a new document")
     if not use_cache and len({len(p) for p in prompts}) > 1:
         raise ValueError("full recompute has no padding mask: give it prompts of one length")
-    return _decode_steps(model, prompts, settings, generator, use_cache)
+    return _decode_steps(model, prompts, settings, generator, use_cache, words)
 
 
 @torch.no_grad()
 def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
-                  generator: torch.Generator | None, use_cache: bool) -> Iterator[torch.Tensor]:
+                  generator: torch.Generator | None, use_cache: bool,
+                  words: list[Words] | None) -> Iterator[torch.Tensor]:
     block_size, device = model.config.block_size, model.transformer.wte.weight.device
     width = max(len(p) for p in prompts)
     pad = [width - len(p) for p in prompts]
@@ -291,7 +323,10 @@ def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettin
         seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
         for row, ids in enumerate(prompts):
             seen[row, ids] = True
-    pick = make_picker(model, settings, generator, seen)
+    pushed = None
+    if words and settings.word_bias and any(words):
+        pushed = WordBias(words, settings.word_bias, model.config.vocab_size, device)
+    pick = make_picker(model, settings, generator, seen, pushed.bias if pushed else None)
     cache, new = None, context
     for _ in range(settings.max_new_tokens):
         if use_cache:
@@ -308,6 +343,8 @@ def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettin
         yield next_id
         if seen is not None:
             seen[rows, next_id] = True
+        if pushed is not None:
+            pushed.written(next_id.tolist())
         context, pad = keep_last(torch.cat([context, next_id[:, None]], dim=1), pad, block_size)
         new = next_id[:, None]
 
@@ -357,11 +394,11 @@ class StopText:
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,
-           generator: torch.Generator | None = None) -> Iterator[TextDelta]:
+           generator: torch.Generator | None = None, words: list[Words] | None = None) -> Iterator[TextDelta]:
     """Text deltas of every row as its ids arrive, until each row has finished. A row finishes at end-of-text
     (not part of its text), at a stop string (nor is that) or after max_new_tokens ids. The settings and
     prompts are checked on the call (SlmError), before anything is generated."""
-    return _deltas(decode(model, prompts, settings, generator), tokenizer, settings, len(prompts))
+    return _deltas(decode(model, prompts, settings, generator, words=words), tokenizer, settings, len(prompts))
 
 
 def _deltas(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: SamplingSettings,
@@ -386,10 +423,10 @@ def _deltas(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: Sampl
 
 
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,
-             generator: torch.Generator | None = None) -> list[TextDelta]:
+             generator: torch.Generator | None = None, words: list[Words] | None = None) -> list[TextDelta]:
     """Each row's whole text, generated ids and finish reason: `stream`'s deltas added up."""
     texts, last = [""] * len(prompts), {}
-    for delta in stream(model, tokenizer, prompts, settings, generator):
+    for delta in stream(model, tokenizer, prompts, settings, generator, words):
         texts[delta.row] += delta.text
         last[delta.row] = delta
     return [dataclasses.replace(last[row], text=texts[row]) for row in range(len(prompts))]

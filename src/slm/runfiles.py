@@ -86,7 +86,8 @@ class MetricsLog:
 
 
 SAMPLING_FILE = "sampling.json"
-SAMPLING_KEYS = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "repetition_penalty": (1e-9, 10.0)}
+SAMPLING_KEYS = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "repetition_penalty": (1e-9, 10.0),
+                 "word_bias": (0.0, 100.0)}
 
 
 def read_sampling(run: str | Path) -> dict[str, float]:

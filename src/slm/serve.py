@@ -7,11 +7,9 @@
     POST /v1/chat/completions   answer a conversation, rendered with chat.py's template
 
 Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list),
-`seed`, `stream` and `stream_options.include_usage`, and `repetition_penalty` (vLLM's and llama.cpp's
-extension); other OpenAI fields are ignored. A sampling setting a request leaves out comes from the run's
-sampling.json (written by `slm run assistant` from its measurements; GET /health shows it), else OpenAI's
-default. With `stream: true`
-the answer comes as server-sent events, one chunk per piece of text, ending with `data: [DONE]`. Each
+`seed`, `stream`, `stream_options.include_usage` and the extensions `repetition_penalty` and `word_bias`
+(chats); other fields are ignored. A sampling field left out comes from RUN/sampling.json, else OpenAI's.
+`stream: true` sends server-sent events, a chunk per piece of text, ending with `data: [DONE]`. Each
 choice ends with the engine's finish reason: "stop" (end-of-text or a stop string) or "length".
 
 Context: a completion prompt must be shorter than the model's context (block_size), else 400
@@ -65,6 +63,7 @@ except ImportError as err:
 from slm import chat
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.device import pick_device, pick_dtype
+from slm.constraints import Words, word_first_ids
 from slm.generate import MAX_NEW_TOKENS, SamplingSettings, TextDelta, make_generator, stream
 from slm.model import GPT
 from slm.runfiles import read_sampling
@@ -83,6 +82,7 @@ class Job:
     settings: SamplingSettings
     seed: int | None
     loop: asyncio.AbstractEventLoop
+    words: list[Words] | None = None  # per row, the requested words settings.word_bias pushes (chats only)
     deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the handler when its client has gone; the worker drops its rows
 
@@ -174,8 +174,9 @@ class Worker:
 
     def _start(self, jobs: list[Job]) -> Batch:
         prompts = [ids for job in jobs for ids in job.prompts]
+        words = [w for job in jobs for w in (job.words or [[]] * len(job.prompts))]
         generator = make_generator(self.model.transformer.wte.weight.device, jobs[0].seed)
-        return Batch(jobs, stream(self.model, self.tokenizer, prompts, jobs[0].settings, generator))
+        return Batch(jobs, stream(self.model, self.tokenizer, prompts, jobs[0].settings, generator, words))
 
     def _guard(self, jobs: list[Job], call, *args):
         """call(*args); an exception (a bug: requests are checked before they get here) fails these jobs only."""
@@ -217,10 +218,10 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    # None: the run's sampling.json, else OpenAI's defaults (Server.sampling)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2)  # None, here and below: Server.sampling's
     top_p: float | None = Field(None, gt=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)  # not OpenAI's; vLLM's and llama.cpp's name
+    word_bias: float | None = Field(None, ge=0, le=100)  # slm's: pushes the words a chat request names
     n: int = Field(1, ge=1)
     stop: Stop | list[Stop] | None = None
     seed: int | None = None
@@ -241,10 +242,10 @@ class Server:
     """The model and its limits; turns requests into jobs for the worker, and their deltas into responses."""
 
     def __init__(self, model: GPT, model_id: str, created: int, max_tokens: int, max_batch: int,
-                 sampling: dict[str, float] | None = None) -> None:
+                 sampling: dict[str, float] = {}) -> None:  # noqa: B006 (read, never changed)
         self.model, self.model_id, self.created = model, model_id, created
-        # What a request that leaves a setting out gets: the run's measured choice over OpenAI's defaults.
-        self.sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, **(sampling or {})}
+        # what a request that leaves a setting out gets: the run's measured choice, else OpenAI's default
+        self.sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0} | sampling
         self.max_tokens, self.max_batch = max_tokens, max_batch
         self.tokenizer = get_tokenizer()
         self.worker = Worker(model, self.tokenizer, max_batch)
@@ -285,7 +286,11 @@ class Server:
         chosen = {key: default if getattr(body, key) is None else getattr(body, key)
                   for key, default in self.sampling.items()}
         settings = SamplingSettings(**chosen, max_new_tokens=self.max_new_tokens(body), stop=stop)
-        return Job([ids for ids in prompts for _ in range(body.n)], settings, body.seed, asyncio.get_running_loop())
+        words = None  # what a chat's newest request names, for word_bias
+        if isinstance(body, ChatRequest) and settings.word_bias:
+            words = [word_first_ids(self.tokenizer, chat.request_words_of(body.messages))] * (len(prompts) * body.n)
+        return Job([ids for ids in prompts for _ in range(body.n)], settings, body.seed, asyncio.get_running_loop(),
+                   words)
 
     async def respond(self, body: Sampling, make_prompts, kind: str) -> dict[str, Any] | StreamingResponse:
         """The answer to a request, kind "chat" or "completion": JSON, or server-sent events with `stream`."""
