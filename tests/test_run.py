@@ -5,6 +5,7 @@ from itertools import islice
 
 import pytest
 
+from slm import run
 from slm.cli import main
 from slm.stories import demo_documents
 
@@ -28,7 +29,8 @@ def test_run_assistant_makes_a_served_assistant_and_keeps_the_model_it_started_f
     pretrain = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     finetune = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in pretrain) and any("loss" in r for r in finetune)
-    assert 'instruct_share = 0.5' in (out / "pretrain" / "config.toml").read_text()
+    assert f"instruct_share = {run.RECIPE['instruct_share']}" in (out / "pretrain" / "config.toml").read_text()
+    assert json.loads((out / "sampling.json").read_text()) == run.RECIPE_SAMPLING
     # the held-out prompts' stories are the prepared validation split's, never trained on
     held = {json.loads(line)["messages"][-1]["content"] for line in (out / "prompts.jsonl").read_text().splitlines()}
     assert held and not held & {json.loads(line)["messages"][-1]["content"]

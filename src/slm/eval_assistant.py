@@ -125,7 +125,8 @@ def table(results: list[dict[str, Any]]) -> str:
             cells = []
             for score in SCORES:
                 value = r["scores"][wording][score]
-                cells.append(f"{'-':>9}" if value is None else f"{value:9.1f}" if score == "n_words" else f"{value:9.3f}")
+                digits = 1 if score == "n_words" else 3
+                cells.append(f"{'-':>9}" if value is None else f"{value:9.{digits}f}")
             lines.append(f"{r['run']:<{width}}  {wording:<8}  " + "  ".join(cells))
     return "\n".join(lines)
 
