@@ -483,3 +483,12 @@ def test_a_word_bias_writes_each_requested_word_once_then_lets_the_model_be(gpt2
     assert set(first_ids[0]) <= words[0][0] | words[0][1] and len({i in words[0][0] for i in first_ids[0]}) == 2
     assert first_ids[1][0] in words[1][0] and first_ids[1][1] not in words[1][0]  # once: then the bias is gone
     assert "ball" not in plain[0].text and "Lily" not in plain[1].text
+
+
+def test_a_word_bias_reaches_any_id_of_a_compact_head_even_one_never_seen_in_training(compact):
+    model, _ = compact  # ids 7 and 42 were never seen in training: the rarest ids of the head
+    settings = SamplingSettings(temperature=0, max_new_tokens=3, word_bias=100.0)
+    rows = list(decode(model, [[1, 2], [3]], settings, words=[[frozenset({7})], [frozenset({42}), frozenset({5})]]))
+    ids = torch.stack(rows, dim=1).tolist()
+    assert ids[0][0] == 7 and 7 not in ids[0][1:]  # written once, then the bias is gone
+    assert sorted(ids[1][:2]) == [5, 42]
