@@ -67,7 +67,7 @@ def test_conditioned_rows_are_a_request_then_its_story_from_the_start_with_the_l
     starts, ends = data.document_bounds(tokens, EOT_ID, chunk=1000)  # chunked: documents cross chunk edges
     assert len(starts) == 60 and [tok.decode(tokens[a:b].tolist()) for a, b in zip(starts, ends)] == stories
 
-    rows = data.ConditionedRows(tokens, 128, seed=3)
+    rows = data.ConditionedRows(tokens, 128, seed=3, share=1.0)
     made = [rows.row(step=7, index=index) for index in range(40)]
     assert sum(m is not None for m in made) >= 36  # None: no short enough request in 8 draws, a plain row then
     for row, learn, constraints in filter(None, made):
@@ -79,12 +79,11 @@ def test_conditioned_rows_are_a_request_then_its_story_from_the_start_with_the_l
         # what the request asks that a row can show is in the row: the words, the character, the first sentence
         shown = {key: constraints[key] for key in ("words", "name", "starts") if key in constraints}
         assert all(score == 1.0 for score in check(shown, answer).values()), (request, answer)
-    again, _, _ = data.ConditionedRows(tokens, 128, seed=3).row(step=7, index=5)
+    again, _, _ = data.ConditionedRows(tokens, 128, seed=3, share=1.0).row(step=7, index=5)
     assert np.array_equal(again, rows.row(step=7, index=5)[0])  # a pure function of (seed, step, row)
 
-    x, y = data.get_mixed_batch(tokens, np.array([0, 10, 20, 30]), 128, torch.device("cpu"), rows, step=2,
-                                rows=[0, 1, 2, 3], share=1.0, seed=3)
+    x, y = rows.batch(np.array([0, 10, 20, 30]), step=2, rows=[0, 1, 2, 3], device=torch.device("cpu"))
     assert x.shape == y.shape == (4, 128) and (y == IGNORE_INDEX).any(dim=1).all()
-    x, y = data.get_mixed_batch(tokens, np.array([0, 10]), 128, torch.device("cpu"), rows, step=2, rows=[0, 1],
-                                share=0.0, seed=3)
+    plain = data.ConditionedRows(tokens, 128, seed=3, share=0.0)
+    x, y = plain.batch(np.array([0, 10]), step=2, rows=[0, 1], device=torch.device("cpu"))
     assert (y != IGNORE_INDEX).all() and x[1].tolist() == tokens[10:138].tolist()

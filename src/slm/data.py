@@ -88,8 +88,8 @@ class ConditionedRows:
     request, so the model learns to answer requests, not to write them. Row r of step s depends only on
     (seed, s, r), so runs stay repeatable and resumable."""
 
-    def __init__(self, tokens: np.memmap, block_size: int, seed: int) -> None:
-        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+    def __init__(self, tokens: np.memmap, block_size: int, seed: int, share: float) -> None:
+        self.tokens, self.block_size, self.seed, self.share = tokens, block_size, seed, share
         self.tokenizer = get_tokenizer()
         self.starts, self.ends = document_bounds(tokens, EOT_ID)
         if not len(self.starts):
@@ -119,17 +119,16 @@ class ConditionedRows:
             ids = np.concatenate([ids, np.asarray(self.tokens[:self.block_size + 1 - len(ids)], dtype=np.int64)])
         return ids, np.arange(self.block_size + 1) >= len(prefix), made[1]
 
-
-def get_mixed_batch(tokens: np.memmap, starts: np.ndarray, block_size: int, device: torch.device,
-                    conditioned: ConditionedRows, step: int, rows: list[int], share: float,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """get_batch, with each row (the global batch's row numbers `rows`) replaced by a conditioned row with
-    probability `share`; targets are IGNORE_INDEX on the requests."""
-    xs, ys = [], []
-    for row, s in zip(rows, starts):
-        made = conditioned.row(step, row) if np.random.default_rng((seed, step, row)).random() < share else None
-        ids, learn = made[:2] if made else (np.asarray(tokens[s:s + block_size + 1], dtype=np.int64),
-                                            np.ones(block_size + 1, bool))
-        xs.append(ids[:-1])
-        ys.append(np.where(learn[1:], ids[1:], IGNORE_INDEX))
-    return torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device)
+    def batch(self, starts: np.ndarray, step: int, rows: list[int],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """get_batch of the windows at `starts`, each (global batch row numbers `rows`) replaced by a
+        conditioned row with probability `share`; targets are IGNORE_INDEX on the requests."""
+        xs, ys = [], []
+        for row, s in zip(rows, starts):
+            drawn = np.random.default_rng((self.seed, step, row)).random() < self.share
+            made = self.row(step, row) if drawn else None
+            ids, learn = made[:2] if made else (np.asarray(self.tokens[s:s + self.block_size + 1], dtype=np.int64),
+                                                np.ones(self.block_size + 1, bool))
+            xs.append(ids[:-1])
+            ys.append(np.where(learn[1:], ids[1:], IGNORE_INDEX))
+        return torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device)

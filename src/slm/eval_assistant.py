@@ -98,7 +98,8 @@ def answer_prompts(model: torch.nn.Module, prompts: list[Prompt], settings: Samp
     answers, tokenizer = [], get_tokenizer()
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        words = [word_first_ids(tokenizer, request_words_of(conversation)) for _, conversation in batch]
+        words = ([word_first_ids(tokenizer, request_words_of(conversation)) for _, conversation in batch]
+                 if settings.word_bias else None)
         done = complete(model, tokenizer, [prompt_ids(conversation) for _, conversation in batch], settings,
                         generator, words)
         answers += [(a.text, a.finish_reason == "stop") for a in done]  # no stop strings: stop is end-of-text

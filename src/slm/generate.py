@@ -258,9 +258,7 @@ def make_picker(model: GPT, settings: SamplingSettings, generator: torch.Generat
     head = model.lm_head
     if isinstance(head, CompactHead) and seen is None and bias is None:
         return CompactSampler(head, settings, generator)
-    if bias is None:
-        return lambda hidden: sample_next(head(hidden), settings, generator, seen)
-    return lambda hidden: sample_next(head(hidden) + bias, settings, generator, seen)
+    return lambda hidden: sample_next(head(hidden) if bias is None else head(hidden) + bias, settings, generator, seen)
 
 
 class WordBias:

@@ -1,7 +1,7 @@
 """`slm run demo|tinystories|assistant`: the stages chained, with nothing of their own.
 
 demo, tinystories: prepare -> train -> generate.
-assistant: prepare -> make-instructions -> instruction-conditioned pretraining -> finetune, in one run folder;
+assistant: prepare -> make-instructions -> pretraining -> finetune (RECIPE), in one run folder;
 a few held-out requests answered, and the pretrained and fine-tuned models' scores side by side.
 """
 
@@ -76,6 +76,8 @@ def assistant(source: str, out: Path, max_minutes: float, preset: str, force: bo
 
     if max_minutes <= 0:
         raise SlmError(f"--max-minutes must be positive (got {max_minutes:g}); it is the whole training budget")
+    if eval_prompts < 1:
+        raise SlmError(f"--eval-prompts must be at least 1 (got {eval_prompts})")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise SlmError(f"{out} already exists; pass --force to replace it or choose another --out")
@@ -111,8 +113,8 @@ def main(args) -> int:
     started = time.perf_counter()
     if args.pipeline == "assistant":
         out = Path(args.out or "runs/assistant")
-        assistant(args.source or "demo", out, args.max_minutes or ASSISTANT_MINUTES, args.preset or "cpu", args.force,
-                  args.eval_prompts)
+        minutes = ASSISTANT_MINUTES if args.max_minutes is None else args.max_minutes
+        assistant(args.source or "demo", out, minutes, args.preset or "cpu", args.force, args.eval_prompts)
     else:
         out = Path(args.out or f"runs/{args.pipeline}")
         pretrain(args.pipeline, Path(args.data_out or f"data/{args.pipeline}"), out, args.max_minutes, args.force)

@@ -197,8 +197,8 @@ class PretrainBatches:
         self.tokens = data.open_split(data_dir, "train")
         data.check_fits(self.tokens, cfg.model.block_size, "train")
         self.cfg, self.device, self.world = cfg, device, world
-        self.conditioned = (data.ConditionedRows(self.tokens, cfg.model.block_size, cfg.train.seed)
-                            if cfg.train.instruct_share else None)
+        self.conditioned = (data.ConditionedRows(self.tokens, cfg.model.block_size, cfg.train.seed,
+                                                 cfg.train.instruct_share) if cfg.train.instruct_share else None)
 
     def __call__(self, step: int) -> list[Batch]:
         """This process's micro-batches: its contiguous slice of the global batch, which depends only on
@@ -209,10 +209,8 @@ class PretrainBatches:
         mine = starts[self.world.rank * per_process:(self.world.rank + 1) * per_process]
         first = self.world.rank * per_process
         if self.conditioned is not None:
-            return [data.get_mixed_batch(self.tokens, mine[i:i + t.micro_batch_size], self.cfg.model.block_size,
-                                         self.device, self.conditioned, step,
-                                         list(range(first + i, first + i + t.micro_batch_size)), t.instruct_share,
-                                         t.seed)
+            return [self.conditioned.batch(mine[i:i + t.micro_batch_size], step,
+                                           list(range(first + i, first + i + t.micro_batch_size)), self.device)
                     for i in range(0, per_process, t.micro_batch_size)]
         return [data.get_batch(self.tokens, mine[i:i + t.micro_batch_size], self.cfg.model.block_size, self.device)
                 for i in range(0, per_process, t.micro_batch_size)]
