@@ -30,7 +30,8 @@ def auto_resolution(request, monkeypatch) -> str:
 @pytest.fixture
 def shared_sample() -> Path:
     if not (SHARED_SAMPLE / "train.txt").is_file():
-        pytest.skip(f"real TinyStories sample not found at {SHARED_SAMPLE} ; put the sample there (train.txt, valid.txt) to run this test")
+        pytest.skip(f"real TinyStories sample not found at {SHARED_SAMPLE}; put the sample there (train.txt, "
+                    "valid.txt) to run this test")
     return SHARED_SAMPLE
 
 
