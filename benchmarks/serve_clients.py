@@ -3,7 +3,7 @@
     python benchmarks/serve_clients.py runs/demo                        # 1 and 8 clients, 4 requests each
     python benchmarks/serve_clients.py runs/demo --clients 1 4 8 16 --max-tokens 64 --device cpu
 
-The server runs in this process (slm.serve.serve_in_thread) on a free port; each client is a thread with the
+The server runs in this process (slm.serve_thread.serve_in_thread) on a free port; each client is a thread with the
 official openai client, sending its requests one after another: a completion from the same prompt at
 temperature 0.8, max_tokens new tokens, not streamed. Tokens/s is every completion token of every client over
 the wall time of the round; one warm-up request is not timed. A request may end early at end-of-text, so the
@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import torch
 
-from slm.serve import create_app, serve_in_thread
+from slm.serve import create_app
+from slm.serve_thread import serve_in_thread
 
 
 def round_of(client: openai.OpenAI, model: str, clients: int, requests: int, max_tokens: int) -> dict:

@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny configs, a tiny prepared data folder, a tiny trained run, the shared sample."""
+"""Shared fixtures: tiny configs, a tiny prepared data folder, a tiny trained run (in this process or as a
+`slm train` subprocess), the shared sample, and the one rule for skipping what CI must run."""
 
 import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,15 @@ os.environ["SLM_CPU_BF16"] = "0"
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-sample"
 
 
+def skip_unless_ci(reason: str) -> None:
+    """Skip a test whose outside tool or data is missing here (the browser, llama.cpp, the shared sample);
+    under CI=true fail it instead: .ci/run installs all of them, so a skip there would hide a test not run."""
+    __tracebackhide__ = True  # pytest then reports the caller's line, not this one
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(params=["float32", "bfloat16"])
 def auto_resolution(request, monkeypatch) -> str:
     """Runs a test twice: `--dtype auto` resolving to float32 on the CPU, then to bfloat16 (emulated, so
@@ -30,8 +42,8 @@ def auto_resolution(request, monkeypatch) -> str:
 @pytest.fixture
 def shared_sample() -> Path:
     if not (SHARED_SAMPLE / "train.txt").is_file():
-        pytest.skip(f"real TinyStories sample not found at {SHARED_SAMPLE}; put the sample there (train.txt, "
-                    "valid.txt) to run this test")
+        skip_unless_ci(f"real TinyStories sample not found at {SHARED_SAMPLE}; put the sample there (train.txt, "
+                       "valid.txt) to run this test")
     return SHARED_SAMPLE
 
 
@@ -77,6 +89,22 @@ def tiny_config(data: Path, **train):
                 "sample_tokens": 0, "device": "cpu", "warmup_steps": 5}
     settings.update(train)
     return resolve("tiny", flags={"train": settings})
+
+
+def train(data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`slm train` of 12 tiny-preset steps in a new process, on the CPU in float32 unless `extra` flags say
+    otherwise (a later flag wins); it must succeed."""
+    args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "12",
+            "--eval-interval", "6", "--batch-size", "8", "--micro-batch-size", "2", "--sample-tokens", "0",
+            "--device", "cpu", "--warmup-steps", "3", "--dtype", "float32", *extra]
+    result = subprocess.run([sys.executable, "-m", "slm", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def losses(run: Path, key: str) -> list[float]:
+    """RUN/metrics.jsonl's values of `key`, in order: "loss" per step, "val_loss" per evaluation."""
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 @pytest.fixture(scope="session")

@@ -102,3 +102,44 @@ def test_bf16_rows_time_two_steps_where_the_cpu_emulates_bf16_and_say_so(monkeyp
               "native_cpu_bf16": native, "date": "d", "timed_steps": 5, "warmup_steps": 2, "train": list(rows.values()),
               "peak_memory_kind": "RSS", "peak_memory_mb": 1.0}
     assert ("bfloat16 (emulated, 2 steps)" in bench.table(result)) is not native
+
+
+def test_training_flops_per_token_count_each_multiplied_weight_six_times_plus_attention():
+    import dataclasses
+
+    from slm import bench
+    from slm.config import ModelConfig
+    from slm.model import GPT
+
+    full = ModelConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=256)
+    # Counted independently, as nanoGPT's estimate_mfu does: 6 FLOPs for every parameter but the position
+    # table. Only biases and norms (13 x n_embd a block) are in that count and not in PaLM's.
+    parameters = GPT(full).num_parameters(non_embedding=True)
+    assert bench.train_flops_per_token(full) == pytest.approx(6 * parameters + 12 * 2 * 256 * 64, rel=1e-2)
+    compact = dataclasses.replace(full, vocab_head=100)  # multiplies by 101 rows of the embedding, not 1,000
+    assert bench.train_flops_per_token(full) - bench.train_flops_per_token(compact) == 6 * (1000 - 101) * 256
+
+
+@pytest.mark.parametrize("gpu, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)])
+def test_mfu_is_training_flops_over_the_gpus_dense_bf16_peak_and_printed_under_its_row(monkeypatch, gpu, peak):
+    import torch
+
+    from slm import bench
+    from slm.config import ModelConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    model = ModelConfig(n_layer=6, n_head=12, n_embd=768)
+    mfu = bench.model_flops_utilization(model, 1e6, torch.device("cuda"))
+    if peak is None:
+        assert mfu is None  # an unknown GPU: no figure rather than a wrong one
+    else:
+        assert mfu == pytest.approx(bench.train_flops_per_token(model) * 1e6 / peak)
+    assert bench.model_flops_utilization(model, 1e6, torch.device("cpu")) is None
+    row = {"name": "preset seed", "model": {"n_layer": 6, "n_embd": 768, "block_size": 128, "vocab_head": 0},
+           "parameters": 85_000_000, "batch_size": 128, "dtype": "bfloat16", "tokens_per_s": 1e6, "mfu": mfu}
+    result = {"machine": {"cpu": "x", "cores": 16, "torch": "t", "python": "p", "gpu": gpu}, "device": "cuda",
+              "native_cpu_bf16": False, "date": "d", "timed_steps": 10, "warmup_steps": 2, "train": [row],
+              "peak_memory_kind": "CUDA max allocated", "peak_memory_mb": 1.0}
+    printed = [line for line in bench.table(result).splitlines() if "MFU" in line]
+    assert printed == [] if peak is None else len(printed) == 1 and printed[0].endswith(f" {100 * mfu:.1f} %")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slm.chat import (CHAT_TEMPLATE_JINJA, MARKERS, ChatSession, SftBatches, answer_lines, chat_loop, fit_context,
-                      masked_windows, pack, prompt_ids, read_conversations, render, render_text)
+                      masked_windows, pack, conversation_ids, read_conversations, render, render_text)
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
 from slm.config import ModelConfig, resolve
@@ -65,7 +65,7 @@ def test_a_rendered_conversation_decodes_to_the_template_text_and_encodes_back_t
 def test_the_template_text_is_the_documented_one():
     assert render_text(CONVERSATIONS[0], add_generation_prompt=True) == (
         "<|user|>\nHi!\n<|assistant|>\nHello. How can I help?<|endoftext|><|assistant|>\n")
-    ids = prompt_ids(CONVERSATIONS[0][:1])
+    ids = conversation_ids(CONVERSATIONS[0][:1])
     assert get_tokenizer().decode(ids) == "<|user|>\nHi!\n<|assistant|>\n"
     assert ids[-len(get_tokenizer().encode(MARKERS["assistant"])):] == get_tokenizer().encode(MARKERS["assistant"])
 
@@ -91,7 +91,7 @@ def test_hugging_face_tokenizer_with_the_template_gives_the_same_ids(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for messages in CONVERSATIONS:
         text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert hf(text, add_special_tokens=False)["input_ids"] == prompt_ids(messages)
+        assert hf(text, add_special_tokens=False)["input_ids"] == conversation_ids(messages)
 
 
 def write_jsonl(path, rows):
@@ -168,7 +168,7 @@ def test_fit_context_drops_the_oldest_turns_but_keeps_the_system_message():
     fitted = fit_context(messages, max_tokens=60)
     assert fitted[0] == system and fitted[-1] == messages[-1] and fitted[1]["role"] == "user"
     one_more_turn = [system, *messages[-(len(fitted) - 1) - 2:]]
-    assert len(prompt_ids(fitted)) <= 60 < len(prompt_ids(one_more_turn))
+    assert len(conversation_ids(fitted)) <= 60 < len(conversation_ids(one_more_turn))
     assert fit_context(messages, max_tokens=1) == [system, messages[-1]]  # the newest message is always kept
     assert fit_context(messages, max_tokens=10_000) == messages
 

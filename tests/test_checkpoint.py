@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slm import checkpoint, runfiles
+from slm.cli import main
 from slm.config import Config, ModelConfig
 from slm.errors import SlmError
 from slm.model import GPT
@@ -49,6 +50,22 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path, model):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(SlmError, match="corrupt or truncated"):
         checkpoint.load_model(tmp_path / "best")
+
+
+def test_one_altered_byte_of_the_weights_is_refused_by_load_model_and_slm_generate(tmp_path, capsys):
+    cfg = Config(model=ModelConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    run = tmp_path / "run"
+    checkpoint.prepare_run_dir(run, force=False)
+    (run / "config.toml").write_text(cfg.to_toml())
+    weights = checkpoint.save(run, "best", GPT(cfg.model), cfg, get_tokenizer().identity()) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight: the file still parses, only its hash tells
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SlmError, match="truncated or corrupt") as err:
+        checkpoint.load_model(run / "best")
+    assert str(weights) in str(err.value) and "other checkpoint" in str(err.value)
+    assert main(["generate", str(run), "--prompt", "Once", "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"slm: error: {err.value}\n"
 
 
 def test_a_checkpoint_from_a_newer_format_is_refused(tmp_path, model):

@@ -3,13 +3,16 @@ import sys
 
 import pytest
 
-from slm.cli import build_parser, main
+from slm.cli import COMMANDS, main, parse_args
+from slm.errors import SlmError
+from slm.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 
 
-def test_help_does_not_import_torch():
-    code = ("import sys; from slm.cli import build_parser; build_parser().format_help(); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_slm_help_lists_every_command_without_importing_torch():
+    code = ("import sys\nfrom slm.cli import COMMANDS, main\ntry:\n    main(['--help'])\nexcept SystemExit as exit:\n"
+            "    assert exit.code == 0, exit.code\nassert 'torch' not in sys.modules, 'torch imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert all(name in out for name in COMMANDS)
 
 
 def test_python_dash_m_slm_works():
@@ -17,14 +20,36 @@ def test_python_dash_m_slm_works():
     assert "prepare" in out.stdout and "train" in out.stdout
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "generate", "eval", "run", "bench", "make-instructions",
-                                     "finetune", "chat", "eval-assistant", "serve", "export", "import",
-                                     "plot", "runs"])
-def test_every_command_shows_examples_in_its_help(command, capsys):
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_shows_its_arguments_and_examples_in_its_help(command, capsys):
+    if command == "serve":
+        pytest.importorskip("fastapi", reason="slm serve needs the serve extra: pip install '.[serve]'")
     with pytest.raises(SystemExit) as exit:
-        build_parser().parse_args([command, "--help"])
+        main([command, "--help"])
     assert exit.value.code == 0
-    assert "examples:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: slm {command} [-h] ") and "examples:" in out
+
+
+def test_only_the_chosen_command_declares_its_arguments():
+    args = parse_args(["generate", "runs/demo", "--prompt", "train"])
+    assert (args.command, args.run, args.prompt) == ("generate", "runs/demo", "train")
+    with pytest.raises(SlmError, match="invalid choice: 'trian'"):
+        parse_args(["trian", "--out", "R"])
+
+
+# chat: RUN/sampling.json, else DEFAULT_TEMPERATURE; eval-assistant: greedy on purpose, for reproducible scores
+@pytest.mark.parametrize("command, temperature", [("generate", DEFAULT_TEMPERATURE), ("chat", None),
+                                                  ("eval-assistant", 0.0)])
+def test_sampling_defaults_come_from_one_place(command, temperature):
+    args = parse_args([command, "R", "--prompts", "P"] if command == "eval-assistant" else [command, "R"])
+    assert (args.temperature, args.max_new_tokens) == (temperature, DEFAULT_MAX_NEW_TOKENS)
+
+
+def test_subcommand_usage_errors_are_one_line(capsys):
+    assert main(["eval", "R", "--data", "D", "--batch-size", "3"]) == 2  # eval has --micro-batch-size instead
+    err = capsys.readouterr().err
+    assert err.startswith("slm: error: unrecognized arguments: --batch-size 3") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv, message", [

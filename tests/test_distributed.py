@@ -6,31 +6,30 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-
-def train(data, run, *extra):
-    args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "12",
-            "--eval-interval", "6", "--batch-size", "8", "--micro-batch-size", "2", "--sample-tokens", "0",
-            "--device", "cpu", "--warmup-steps", "3", "--dtype", "float32", *extra]  # float32 unless extra says
-    result = subprocess.run([sys.executable, "-m", "slm", *args], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
-def losses(run, key):
-    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+from conftest import losses, train
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_train_the_same_run_as_one(tmp_path, tiny_data):
+@pytest.mark.parametrize("extra", [
+    [],
+    # dropout masks are drawn per micro-batch of the global batch: each process draws its own, the same ones as
+    # one process does (they were drawn alike on every process, so 2 processes trained another run than 1)
+    ["--dropout", "0.2"],
+    # fewer validation batches than processes: a process without one must not skip a collective (DDP's buffer
+    # broadcast before a forward, with a compact head's buffers, deadlocked here)
+    ["--vocab-head", "16", "--eval-batches", "1"],
+], ids=["plain", "dropout", "compact-head-one-eval-batch"])
+def test_two_processes_train_the_same_run_as_one(tmp_path, tiny_data, extra):
     one, two = tmp_path / "one", tmp_path / "two"
-    train(tiny_data, one)
-    result = train(tiny_data, two, "--nproc", "2")
+    train(tiny_data, one, *extra)
+    result = train(tiny_data, two, "--nproc", "2", *extra)
     assert "torch.distributed.run" in result.stderr and "2 processes" in result.stderr
 
     assert len(losses(two, "loss")) == 12  # one record per step, written by rank 0 alone
@@ -65,26 +64,95 @@ def test_two_processes_match_one_in_bfloat16_where_auto_picks_it(tmp_path, tiny_
         torch.testing.assert_close(b[name], a[name], atol=2 * lr * steps, rtol=0)
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process started by `pid`, at any depth (torchrun starts its workers in sessions of their own,
+    so a process group would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+
+
+def start_launcher(data, run, *extra, hang_after=None):
+    """`slm train --nproc 2` in the background; returns (launcher, its torchrun and workers) once the workers
+    have trained 7 steps, or, with `hang_after`, once the second process hangs after that step: it skips
+    the step's stop check and waits for a message nobody sends, so the first process waits in that
+    collective, where no signal handler runs."""
+    args = ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "12",
+            "--eval-interval", "3", "--batch-size", "8", "--micro-batch-size", "2", "--sample-tokens", "0",
+            "--device", "cpu", "--warmup-steps", "3", "--dtype", "float32", "--nproc", "2", *extra]
+    env = {**os.environ, "SLM_TEST_HANG_AT_STEP": str(hang_after)} if hang_after else None
+    launcher = subprocess.Popen([sys.executable, "-m", "slm", *args], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and len(losses(run, "loss")) >= (hang_after or 7)):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before the stop"
+        time.sleep(0.05)
+    return launcher, descendants(launcher.pid)
+
+
+def wait_all_gone(launcher, processes, seconds):
+    launcher.wait(timeout=seconds)
+    deadline = time.monotonic() + seconds
+    while alive(processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(processes), f"processes of the run still running: {alive(processes)}"
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_a_two_process_run_killed_and_resumed_in_one_process_continues_the_same_curve(tmp_path, tiny_data,
-                                                                                       sharding):
+def test_sigterm_to_the_launcher_stops_every_process_and_resume_continues_the_same_curve(tmp_path, tiny_data,
+                                                                                        sharding):
     reference, run = tmp_path / "reference", tmp_path / "run"
     train(tiny_data, reference, "--eval-interval", "3")
-    args = ["train", "--data", str(tiny_data), "--out", str(run), "--preset", "tiny", "--max-steps", "12",
-            "--eval-interval", "3", "--batch-size", "8", "--micro-batch-size", "2", "--sample-tokens", "0",
-            "--device", "cpu", "--warmup-steps", "3", "--dtype", "float32", "--nproc", "2", *sharding]
-    launcher = subprocess.Popen([sys.executable, "-m", "slm", *args], stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not ((run / "metrics.jsonl").exists() and len(losses(run, "loss")) >= 7):
-        assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before the kill"
-        time.sleep(0.05)
-    os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and both workers
-    launcher.wait()
-    train(tiny_data, run, "--eval-interval", "3", "--resume")
+    launcher, processes = start_launcher(tiny_data, run, *sharding)
+    assert len(processes) >= 3  # torchrun and its two workers
+    launcher.send_signal(signal.SIGTERM)  # what `timeout` or a job scheduler does
+    wait_all_gone(launcher, processes, 30)
+    assert launcher.returncode == 128 + signal.SIGTERM, launcher.stderr.read()[-2000:]
+    train(tiny_data, run, "--eval-interval", "3", "--resume")  # in one process
     assert losses(run, "loss") == pytest.approx(losses(reference, "loss"), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_run_hung_in_a_collective_ends_within_the_collective_timeout_and_keeps_its_checkpoint(tmp_path, tiny_data):
+    from slm.checkpoint import verify
+
+    run = tmp_path / "run"
+    launcher, processes = start_launcher(tiny_data, run, "--collective-timeout", "10", hang_after=8)
+    time.sleep(1)
+    launcher.send_signal(signal.SIGTERM)
+    wait_all_gone(launcher, processes, 25)
+    assert "a collective waited more than --collective-timeout 10 s" in launcher.stderr.read()
+    verify(run / "last")
+    assert json.loads((run / "last" / "manifest.json").read_text())["step"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_second_sigterm_ends_a_hung_run_at_once(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    launcher, processes = start_launcher(tiny_data, run, "--collective-timeout", "600", hang_after=8)
+    launcher.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    launcher.send_signal(signal.SIGTERM)  # torchrun is killed, and its workers die with it
+    wait_all_gone(launcher, processes, 15)
+    assert launcher.returncode == 128 + signal.SIGTERM
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, tiny_data):
@@ -97,13 +165,17 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, tin
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_sharded_fsdp_run_matches_one_process_and_its_checkpoint_loads_in_one(tmp_path, tiny_data):
+def test_a_compiled_sharded_fsdp_run_matches_one_process_and_its_checkpoint_loads_in_one(tmp_path, tiny_data,
+                                                                                          monkeypatch):
     from slm.checkpoint import load_model
     from slm.generate import generate
 
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     train(tiny_data, one, "--sample-tokens", "8")
-    train(tiny_data, sharded, "--nproc", "2", "--fsdp", "--sample-tokens", "8")
+    # compiled, as on a GPU by default: FSDP must shard the model before compile wraps it, or the checkpoint
+    # gathers nothing and only the first process samples (the eager backend runs the same wrappers in seconds)
+    monkeypatch.setenv("SLM_COMPILE_BACKEND", "eager")
+    train(tiny_data, sharded, "--nproc", "2", "--fsdp", "--sample-tokens", "8", "--compile", "on")
     # FSDP reduce-scatters where DDP all-reduces: the same sums in another order, so float32 noise only.
     assert losses(sharded, "loss") == pytest.approx(losses(one, "loss"), rel=1e-5)
     assert losses(sharded, "val_loss") == pytest.approx(losses(one, "val_loss"), rel=1e-5)

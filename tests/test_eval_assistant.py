@@ -60,7 +60,7 @@ def test_eval_assistant_scores_two_runs_side_by_side_per_wording_and_as_json(tin
     other = tmp_path / "other"
     shutil.copytree(tiny_run, other)
     argv = ["eval-assistant", str(tiny_run), str(other), "--prompts", str(tmp_path / "prompts.jsonl"),
-            "--max-new-tokens", "6", "--device", "cpu"]
+            "--max-new-tokens", "6", "--micro-batch-size", "4", "--device", "cpu"]
     assert main(argv) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["run", "wording", *SCORES]

@@ -67,7 +67,7 @@ def test_every_token_after_the_first_is_predicted_exactly_once(n_tokens):
 
 
 def eval_json(capsys, *args: str) -> dict:
-    assert main(["eval", *map(str, args), "--json", "--batch-size", "3"]) == 0
+    assert main(["eval", *map(str, args), "--json", "--micro-batch-size", "3"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -141,6 +141,6 @@ def test_data_from_another_tokenizer_is_a_one_line_error(tiny_run, tmp_path, cap
     assert "tokenizer" in expect_error(capsys, tiny_run, "--data", folder)
 
 
-def test_a_missing_run_and_a_bad_batch_size_are_one_line_errors(tiny_run, tiny_data, tmp_path, capsys):
+def test_a_missing_run_and_a_bad_micro_batch_size_are_one_line_errors(tiny_run, tiny_data, tmp_path, capsys):
     assert "does not exist" in expect_error(capsys, tmp_path / "no-run", "--data", tiny_data)
-    assert "--batch-size" in expect_error(capsys, tiny_run, "--data", tiny_data, "--batch-size", "0")
+    assert "--micro-batch-size" in expect_error(capsys, tiny_run, "--data", tiny_data, "--micro-batch-size", "0")

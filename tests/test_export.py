@@ -1,5 +1,7 @@
 """slm export / slm import against transformers' GPT-2, its tokenizer and pipeline, and gguf's reader."""
 
+import importlib.util
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import skip_unless_ci
 from slm import checkpoint
 from slm.chat import render, render_text
 from slm.cli import main
@@ -26,15 +29,31 @@ CONVERSATION = [{"role": "system", "content": "You tell short stories."},
                 {"role": "user", "content": "Another one, please."}]
 
 
-def make_run(path: Path, seed: int = 0, **model) -> Path:
-    """A run folder holding a randomly initialised model, as `slm train` would lay it out."""
+def make_run(path: Path, seed: int = 0, edit=None, **model) -> Path:
+    """A run folder holding a randomly initialised model, changed in place by `edit(model)` if given, as
+    `slm train` would lay it out."""
     torch.manual_seed(seed)
     settings = dict(vocab_size=50257, block_size=64, n_layer=2, n_head=2, n_embd=32)
     cfg = Config(model=ModelConfig(**{**settings, **model}))
     checkpoint.prepare_run_dir(path, force=False)
     (path / "config.toml").write_text(cfg.to_toml())
-    checkpoint.save(path, "best", GPT(cfg.model), cfg, get_tokenizer().identity())
+    gpt = GPT(cfg.model)
+    if edit:
+        with torch.no_grad():
+            edit(gpt)
+    checkpoint.save(path, "best", gpt, cfg, get_tokenizer().identity())
     return path
+
+
+def trained_looking(model: GPT) -> None:
+    """A final layer norm and a compact head as training leaves them, not as initialised (gain 1, bias 0, no
+    frequencies): gains of either sign, some small, which the head's expansion must survive."""
+    ln_f = model.transformer.ln_f
+    ln_f.weight.uniform_(0.02, 2.0).mul_(torch.sign(torch.randn(ln_f.weight.shape)))
+    ln_f.bias.normal_(0, 0.5)
+    if model.config.vocab_head:
+        model.lm_head.set_frequencies(torch.randint(0, 1000, (model.config.vocab_size,)).float())
+        model.lm_head.other.normal_(0, 0.02)  # the embedding's scale: full and compact heads' logits alike
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -123,15 +142,14 @@ def test_expanded_compact_head_is_exact_for_any_layer_norm(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_head=100)).eval()
-    model.lm_head.set_frequencies(torch.randint(0, 1000, (50257,)).float())
     with torch.no_grad():
-        model.transformer.ln_f.weight.uniform_(0.2, 2.0).mul_(torch.sign(torch.randn(32)))
-        model.transformer.ln_f.bias.normal_(0, 0.5)
+        trained_looking(model)
+        model.transformer.ln_f.weight[0] = 0  # a channel the model switched off
         model.lm_head.other.normal_(0, 0.5)
-    head, bias = expanded_head(model)
+    head, weight, bias = expanded_head(model)
     x = torch.randn(4, 16, 32) * 3
     want = model.lm_head(model.transformer.ln_f(x))
-    got = torch.nn.functional.layer_norm(x, (32,), model.transformer.ln_f.weight, bias) @ head.t()
+    got = torch.nn.functional.layer_norm(x, (32,), weight, bias) @ head.t()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
@@ -291,12 +309,12 @@ def test_push_to_hub_offline_fails_with_one_line(tmp_path, capsys, monkeypatch):
                                                 str(tmp_path / "m.gguf"), "--push-to-hub", "someone/model"])
 
 
-@pytest.mark.parametrize("dtype, atol", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 2e-3)])
-def test_gguf_export_reads_back_with_llama_cpp_names_metadata_and_weights(tmp_path, dtype, atol):
+@pytest.mark.parametrize("outtype, atol", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 2e-3)])
+def test_gguf_export_reads_back_with_llama_cpp_names_metadata_and_weights(tmp_path, outtype, atol):
     gguf = pytest.importorskip("gguf")
     run = make_run(tmp_path / "run", block_size=32)
     out = tmp_path / "model.gguf"
-    assert main(["export", str(run), "--format", "gguf", "--dtype", dtype, "--out", str(out)]) == 0
+    assert main(["export", str(run), "--format", "gguf", "--outtype", outtype, "--out", str(out)]) == 0
     reader = gguf.GGUFReader(out)
 
     def value(key):
@@ -320,7 +338,47 @@ def test_gguf_export_reads_back_with_llama_cpp_names_metadata_and_weights(tmp_pa
         want = expected[t.name]
         assert data.shape == want.shape, t.name  # GGUF keeps nn.Linear's (out, in) layout
         assert list(t.shape) == list(reversed(want.shape))  # ggml lists dimensions innermost first
-        torch.testing.assert_close(data, want, atol=atol, rtol=0 if dtype == "f32" else 1e-3)
+        torch.testing.assert_close(data, want, atol=atol, rtol=0 if outtype == "f32" else 1e-3)
+
+
+def gguf_logits(path: Path, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of a GGUF export as llama.cpp's CPU backend computes them: every weight dequantized, and every
+    matmul's input rounded to the type ggml pairs with its weight's (vec_dot_type: f16 for f16, q8_0 for q8_0)."""
+    gguf = pytest.importorskip("gguf")
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    gguf_name = {name: g for name, g, _ in table(cfg.n_layer)} | {checkpoint.TIED_HEAD: "output.weight"}
+
+    def dequantized(name: str) -> torch.Tensor:
+        t = stored[gguf_name[name]]
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+
+    def round_input(kind):
+        return lambda module, args: torch.from_numpy(gguf.quants.dequantize(
+            gguf.quants.quantize(args[0].numpy(), kind), kind).copy())
+
+    model = GPT(dataclasses.replace(cfg, vocab_head=0)).eval()
+    model.load_state_dict({name: dequantized(name) for name in gguf_name if name != checkpoint.TIED_HEAD},
+                          strict=False)
+    model.lm_head.weight = torch.nn.Parameter(dequantized(checkpoint.TIED_HEAD))  # untied: GGUF's output tensor
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(round_input(stored[gguf_name[f"{name}.weight"]].tensor_type))
+    return logits_of(model, ids)
+
+
+@pytest.mark.parametrize("outtype, atol", [("f16", 1e-3), ("q8_0", 2e-2)])
+@pytest.mark.parametrize("vocab_head", [0, 100], ids=["full-head", "compact-head"])
+def test_quantized_gguf_of_a_compact_head_is_as_accurate_as_of_a_full_head(tmp_path, outtype, atol, vocab_head):
+    """The expanded head carries log q(id) (about -11) on top of logits of the embedding's scale. Rows scaled by
+    1/gain and stored like the other weights moved logits by 9.2e-3 (f16) and 0.46 (q8_0); a full head's: 4.2e-4
+    and 9.6e-3. The computation is llama.cpp's on the CPU, emulated: llama-cpp-python may not be installed."""
+    run = make_run(tmp_path / "run", edit=trained_looking, block_size=32, vocab_head=vocab_head)
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--outtype", outtype, "--out", str(out)]) == 0
+    ours, cfg, _ = checkpoint.load_model(run / "best")
+    ids = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
+    error = (gguf_logits(out, cfg.model, ids) - logits_of(ours, ids)).abs().max().item()
+    assert error <= atol, f"{outtype} logits moved by {error:.2e}"
 
 
 @pytest.mark.slow
@@ -328,11 +386,13 @@ def test_gguf_export_reads_back_with_llama_cpp_names_metadata_and_weights(tmp_pa
 def test_llama_cpp_runs_the_gguf_export_with_slms_logits_and_greedy_text(tmp_path, trained_runs, vocab_head):
     """llama.cpp itself as the judge. llama-cpp-python compiles llama.cpp from source (minutes), so it is not
     in the test extra: `pip install llama-cpp-python` to run this."""
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama.cpp judges the GGUF export: pip install llama-cpp-python==0.3.36 (compiles minutes)")
+    if importlib.util.find_spec("llama_cpp") is None:
+        skip_unless_ci("llama.cpp judges the GGUF export: pip install llama-cpp-python==0.3.36 (compiles minutes)")
+    import llama_cpp
+
     run = trained_runs[vocab_head]
     out = tmp_path / "model.gguf"
-    assert main(["export", str(run), "--format", "gguf", "--dtype", "f32", "--out", str(out)]) == 0
+    assert main(["export", str(run), "--format", "gguf", "--outtype", "f32", "--out", str(out)]) == 0
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, seed=0)
     ids = get_tokenizer().encode("Tom had a ball. Tom liked the ball. The end. Sam zebra quantum")
     assert llm.tokenize(b"Tom had a ball. Tom liked the ball. The end. Sam zebra quantum", add_bos=False) == ids

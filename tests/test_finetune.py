@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from slm import runfiles
 from slm.chat import read_conversations, render
 from slm.checkpoint import checkpoint_dir, load_model, read_header
-from slm.cli import build_parser, main
+from slm.cli import main, parse_args
 from slm.config import flags_from_args, resolve
 from slm.errors import SlmError
 from slm.finetune import finetune, finetune_config
@@ -82,8 +82,8 @@ def test_finetune_settings_come_from_the_base_run_with_finetune_defaults_and_fla
 
 
 def test_the_finetune_command_takes_train_flags_but_its_own_data_flag():
-    args = build_parser().parse_args(["finetune", "R", "--data", "chat.jsonl", "--out", "O", "--max-steps", "5",
-                                      "--learning-rate", "1e-4"])
+    args = parse_args(["finetune", "R", "--data", "chat.jsonl", "--out", "O", "--max-steps", "5",
+                       "--learning-rate", "1e-4"])
     assert args.data == "chat.jsonl"
     assert flags_from_args(args) == {"train": {"max_steps": 5, "learning_rate": 1e-4}}
 

@@ -9,11 +9,10 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
 from slm.config import ModelConfig
 from slm.errors import SlmError
-from slm.generate import (CompactSampler, KVCache, SamplingSettings, StopText, complete, decode, draw, generate,
-                          make_picker, penalize_repetition, prompt_ids, sample_next, stream, top_k_filter,
-                          top_p_filter)
+from slm.generate import (CompactSampler, KVCache, SamplingSettings, complete, decode, draw, generate, make_picker,
+                          penalize_repetition, prompt_ids, sample_next, stream, top_k_filter, top_p_filter)
 from slm.model import GPT
-from slm.tokenizer import EOT_ID, get_tokenizer
+from slm.tokenizer import EOT_ID, StopText, get_tokenizer
 
 CFG = ModelConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=32)
 GPT2_CFG = ModelConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32)

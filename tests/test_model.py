@@ -97,11 +97,27 @@ def test_compact_head_keeps_the_k_most_frequent_ids(compact):
     assert set(model.lm_head.head_ids.tolist()) == set(counts.topk(10).indices.tolist())
 
 
-def test_compact_head_probabilities_over_all_ids_sum_to_one(compact):
-    model, _ = compact
-    logits, _ = model(torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(1)))
+def test_compact_head_gives_rare_ids_p_other_times_their_smoothed_training_frequency(compact):
+    """The head's distribution against one built by hand from the counts: softmax over the 10 most frequent
+    ids' embedding rows and "other", then p(other) * q(id) for each rare id, q its add-one smoothed share."""
+    model, counts = compact
+    head = model.lm_head
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        head.other.copy_(torch.randn(1, 32, generator=g, dtype=torch.float64))  # not zero: "other" must matter
+    x = torch.randn(3, 16, 32, generator=g, dtype=torch.float64)
+    frequent = counts.topk(10).indices
+    rare = torch.tensor([i for i in range(101) if i not in frequent])
+    rows = torch.cat([model.transformer.wte.weight[frequent], head.other])  # (11, 32)
+    classes = (x @ rows.T).softmax(-1)  # (3, 16, 11)
+    smoothed = counts[rare].double() + 1
+    q = smoothed / smoothed.sum()
+    expected = torch.empty(3, 16, 101, dtype=torch.float64)
+    expected[..., frequent] = classes[..., :10]
+    expected[..., rare] = classes[..., 10:] * q
+    logits = head(x)
     assert logits.shape == (3, 16, 101) and logits.dtype == torch.float64
-    torch.testing.assert_close(logits.softmax(-1).sum(-1), torch.ones(3, 16, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(logits.softmax(-1), expected, atol=1e-12, rtol=0)
 
 
 def test_compact_head_loss_equals_cross_entropy_of_the_expanded_distribution(compact):

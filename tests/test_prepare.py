@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slm import prepare
-from slm.cli import build_parser
 from slm.cli import main as cli_main
+from slm.cli import parse_args
 from slm.errors import SlmError
 from slm.stories import demo_documents
 from slm.tokenizer import EOT_ID, get_tokenizer
@@ -30,7 +30,7 @@ def hf_cache_in_tmp(tmp_path, monkeypatch):
 
 
 def run_prepare(source, out, *flags) -> dict:
-    prepare.main(build_parser().parse_args(["prepare", str(source), "--out", str(out), "--workers", "1", *flags]))
+    prepare.main(parse_args(["prepare", str(source), "--out", str(out), "--workers", "1", *flags]))
     return json.loads((out / "meta.json").read_text())
 
 
@@ -62,7 +62,7 @@ def write_jsonl(path, rows):
 
 def no_leftovers(out) -> bool:
     """Neither the output folder nor any temporary sibling of it exists."""
-    return not out.exists() and not list(out.parent.glob(f"{out.name}.*"))
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
 
 # ---- reading documents ------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_a_crash_before_the_final_rename_leaves_no_output(tmp_path, monkeypatch)
     def crash(*_):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(prepare.os, "rename", crash)
+    monkeypatch.setattr(prepare.runfiles.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         run_prepare(tmp_path / "stories.txt", tmp_path / "out", "--val-fraction", "0.5", "--seed", "3")
     assert no_leftovers(tmp_path / "out")
@@ -269,7 +269,7 @@ def test_a_killed_prepare_leaves_no_output_and_a_rerun_finishes(tmp_path):
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-m", "slm", "prepare", str(fifo), "--out", str(out), "--workers", "1"],
                              stderr=subprocess.PIPE)
-    tmp_bin = out.with_name(f"{out.name}.tmp-{child.pid}") / "train.bin"
+    tmp_bin = out.with_name(f".{out.name}.tmp-{child.pid}") / "train.bin"
     deadline = time.monotonic() + 120
     try:
         pipe = None
@@ -399,7 +399,7 @@ def test_any_bytes_give_documents_or_one_clean_error(tmp_path_factory, data, suf
 
 def test_shared_sample_token_counts_equal_tiktoken_over_its_documents(shared_sample, reference_gpt2, tmp_path):
     out = tmp_path / "out"
-    prepare.main(build_parser().parse_args(["prepare", str(shared_sample), "--out", str(out), "--workers", "2"]))
+    prepare.main(parse_args(["prepare", str(shared_sample), "--out", str(out), "--workers", "2"]))
     meta = prepare.read_meta(out)
     for split, name in (("train", "train.txt"), ("validation", "valid.txt")):
         text = (shared_sample / name).read_text(encoding="utf-8")

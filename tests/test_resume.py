@@ -17,7 +17,8 @@ from conftest import tiny_config, write_prepared
 from slm import checkpoint, runs
 from slm.cli import main
 from slm.errors import SlmError
-from slm.train import PretrainBatches, resume, start
+from slm.data import PretrainBatches
+from slm.train import resume, start
 
 
 def train_args(data, run, *extra):

@@ -13,7 +13,8 @@ from slm.stories import demo_documents
 @pytest.mark.slow
 def test_run_assistant_makes_a_served_assistant_and_keeps_the_model_it_started_from(tmp_path, capsys):
     openai = pytest.importorskip("openai", reason="the test asks the served assistant through the openai client")
-    from slm.serve import create_app, serve_in_thread
+    from slm.serve import create_app
+    from slm.serve_thread import serve_in_thread
 
     corpus = tmp_path / "stories.txt"
     corpus.write_text("\n<|endoftext|>\n".join(islice(demo_documents("train"), 1000)) + "\n")

@@ -37,3 +37,19 @@ def test_the_model_card_is_the_runs_readme_with_its_figures_and_curves(tiny_run)
     assert card.startswith(f"# {tiny_run.name}\n")
     assert f"best loss {best['val_loss']:.4f} at step {best['step']}" in card and "7,680 tokens seen" in card
     assert "![training curves](curves.png)" in card and "| train | max_steps | 30 |" in card
+
+
+def test_progress_in_a_file_or_pipe_is_a_plain_line_every_half_minute_not_a_redraw_per_step(capsys, monkeypatch):
+    from slm.runlog import Progress
+
+    clock = [0.0]
+    monkeypatch.setattr("slm.runlog.time.monotonic", lambda: clock[0])
+    with Progress(total=3000, initial=0) as progress:  # pytest's captured stderr is not a terminal
+        for step in range(3000):
+            clock[0] = step * 0.2  # 10 minutes at 5 steps/s
+            progress.update(3000, loss=3.0, lr=1e-3, tokens_per_s=10_000)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 20  # the first step, then one per 30 s of the 600
+    assert lines[1] == "step 151/3,000 | loss 3.000 | lr 1.00e-03 | 10,000 tokens/s | 9m26s left"

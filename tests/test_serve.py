@@ -1,6 +1,7 @@
 """`slm serve`, driven by the official openai client and a real browser, over an in-process server."""
 
 import asyncio
+import importlib.util
 import json
 import shutil
 import threading
@@ -12,11 +13,13 @@ pytest.importorskip("fastapi", reason="slm serve needs the serve extra: pip inst
 openai = pytest.importorskip("openai", reason="the serve tests use the official openai client")
 httpx = pytest.importorskip("httpx")
 
+from conftest import skip_unless_ci  # noqa: E402
 from slm import chat  # noqa: E402
 from slm.checkpoint import checkpoint_dir, load_model  # noqa: E402
 from slm.cli import main  # noqa: E402
 from slm.generate import SamplingSettings, complete  # noqa: E402
-from slm.serve import Job, Worker, create_app, serve_in_thread  # noqa: E402
+from slm.serve import Job, Worker, create_app  # noqa: E402
+from slm.serve_thread import serve_in_thread  # noqa: E402
 from slm.tokenizer import get_tokenizer  # noqa: E402
 
 HELLO = [{"role": "user", "content": "Tell me about Tom."}]
@@ -73,7 +76,7 @@ def test_a_stop_string_ends_the_text_before_it(client, tiny_run, model):
 
 def test_a_chat_completion_answers_with_the_chat_template(client, tiny_run, model):
     reply = client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=6, temperature=0)
-    prompt = chat.prompt_ids(HELLO)
+    prompt = chat.conversation_ids(HELLO)
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == alone(model, prompt, 6)
     assert reply.usage.prompt_tokens == len(prompt)
@@ -286,10 +289,11 @@ def test_serve_shows_examples_in_its_help(capsys):
 def browser(tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
-                    "chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium")
+    if not (chromium and driver and importlib.util.find_spec("selenium")):
+        skip_unless_ci("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
+                       "chromium-driver) and selenium (in the test extra)")
+    from selenium import webdriver
+
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",

@@ -3,14 +3,16 @@
 Figures: prepare tokens/s (prepare's own parallel tokenizer on a few MB of the demo corpus); training tokens/s
 at nanoGPT's CPU configuration (4 layers x 128, context 128, batch 32, GPT-2's vocabulary) in float32 and
 bfloat16, with the full head and with a compact head of 8,192 ids, and for the chosen preset (each through
-train.py's steps on synthetic tokens, warm-up excluded); generation tokens/s of the preset's model with the
-KV cache and with full recompute at batch 1 and 8 (through generate.py's engine); and peak memory.
+train.py's steps on synthetic tokens, warm-up excluded; on a known GPU also as MFU); generation tokens/s
+of the preset's model with the KV cache and with full recompute at batch 1 and 8 (through generate.py's
+engine); and peak memory.
 `slm bench nanogpt` (or prepare, train, generate) measures one part alone. The numbers are printed and, with
 --save, recorded with the machine; tests check that they appear, never how large they are.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.config import Config, flags_from_args, resolve
-from slm.device import cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
+from slm.config import Config, ModelConfig, add_config_flags, flags_from_args, preset_names, resolve
+from slm.device import compile_model, cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
 from slm.errors import SlmError
 from slm.generate import SamplingSettings, decode, make_generator
 from slm.model import GPT
@@ -34,7 +36,8 @@ from slm.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
 from slm.runfiles import write_text_atomic
 from slm.stories import demo_documents
 from slm.tokenizer import EOT_ID, get_tokenizer
-from slm.train import PretrainBatches, accumulate, build_optimizer, step_optimizer
+from slm.data import PretrainBatches
+from slm.train import accumulate, build_optimizer, step_optimizer
 
 PREPARE_CHARS = 4_000_000   # a few MB: long enough that starting the worker processes is noise
 WARMUP_STEPS = 2            # untimed: first-touch allocations, CUDA kernels picked, torch.compile
@@ -45,6 +48,9 @@ GENERATE_BATCHES = (1, 8)
 NANOGPT = {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "vocab_head": 0, "dropout": 0.0},
            "train": {"batch_size": 32, "micro_batch_size": 32}}
 NANOGPT_CASES = (("float32", 0), ("bfloat16", 0), ("float32", 8192), ("bfloat16", 8192))  # (dtype, vocab_head)
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, matched in order against
+# torch.cuda.get_device_name(): the PCIe H100 before the name that also matches it.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12))
 
 
 def synchronize(device: torch.device) -> None:
@@ -102,7 +108,7 @@ def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
     """(the trained model, training tokens/s over `steps` optimizer steps after `warmup` untimed ones)."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device).train()
-    compiled = torch.compile(model) if should_compile(cfg.train.compile, device) else model
+    compiled = compile_model(model) if should_compile(cfg.train.compile, device) else model
     optimizer = build_optimizer(model, cfg.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,7 +170,28 @@ def train_row(name: str, cfg: Config, device: torch.device, steps: int) -> tuple
     return model, {"name": name, "model": dataclasses.asdict(cfg.model), "parameters": model.num_parameters(),
                    "batch_size": cfg.train.batch_size, "micro_batch_size": cfg.train.micro_batch_size,
                    "dtype": str(dtype).removeprefix("torch."), "emulated_bf16": emulated, "warmup_steps": warmup,
-                   "timed_steps": steps, "tokens_per_s": rate}
+                   "timed_steps": steps, "tokens_per_s": rate, "mfu": model_flops_utilization(cfg.model, rate, device)}
+
+
+def train_flops_per_token(model: ModelConfig) -> int:
+    """Training FLOPs per token as PaLM counts them for MFU (Chowdhery et al. 2022, appendix B; nanoGPT's
+    estimate_mfu): 6 per weight a token is multiplied by (2 forward, 4 backward), plus 12 * n_layer * n_embd
+    * block_size for attention's scores and weighted sums. A block multiplies by 12 * n_embd^2 weights
+    (c_attn 3, attn.c_proj 1, c_fc 4, mlp.c_proj 4); embedding lookups cost nothing; the head multiplies by
+    vocab_size rows of the tied embedding, a compact head by its vocab_head + 1."""
+    head_rows = model.vocab_head + 1 if model.vocab_head else model.vocab_size
+    weights = model.n_layer * 12 * model.n_embd**2 + head_rows * model.n_embd
+    return 6 * weights + 12 * model.n_layer * model.n_embd * model.block_size
+
+
+def model_flops_utilization(model: ModelConfig, tokens_per_s: float, device: torch.device) -> float | None:
+    """The share of the GPU's dense bf16 peak that training tokens/s stands for, whatever the dtype, as MFU
+    is quoted; None off CUDA or on a GPU missing from PEAK_BF16_FLOPS."""
+    if device.type != "cuda":
+        return None
+    gpu = torch.cuda.get_device_name(device)
+    peak = next((flops for name, flops in PEAK_BF16_FLOPS if name in gpu), None)
+    return train_flops_per_token(model) * tokens_per_s / peak if peak else None
 
 
 def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
@@ -221,6 +248,8 @@ def table(r: dict) -> str:
         emulated = f" (emulated, {row['timed_steps']} steps)" if row.get("emulated_bf16") else ""
         rows.append((f"train {row['name']}: {shape(row['model'], row['parameters'])}, batch {row['batch_size']}, "
                      f"{row['dtype']}{emulated}", row["tokens_per_s"], "tokens/s"))
+        if row.get("mfu") is not None:
+            rows.append(("  MFU: its share of the GPU's dense bf16 peak", 100 * row["mfu"], "%"))
     if "generate" in r:
         g = r["generate"]
         for name, rate in g["tokens_per_s"].items():
@@ -237,8 +266,22 @@ def table(r: dict) -> str:
         lines.append(f"generation model: preset {r['preset']}, "
                      f"{shape(r['generate']['model'], r['generate']['parameters'])}")
     width = max(len(label) for label, _, _ in rows)
-    return "\n".join(lines + [""] + [f"  {label:<{width}} {value:>10,.{1 if unit == 'x' else 0}f} {unit}"
+    return "\n".join(lines + [""] + [f"  {label:<{width}} {value:>10,.{1 if unit in ('x', '%') else 0}f} {unit}"
                                      for label, value, unit in rows])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", nargs="?", choices=("all", "prepare", "nanogpt", "train", "generate"),
+                   default="all", help="measure only this part (default: all)")
+    p.add_argument("--preset", choices=preset_names(), default="cpu",
+                   help="model and batch of the train and generate figures (default: cpu)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default: 10)")
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens per generation run (default: 200)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--save", action="store_true", help="also write the results as JSON into --results-dir")
+    p.add_argument("--results-dir", default="benchmarks/results",
+                   help="folder for --save's DATE-PRESET-DEVICE[-PART].json (default: benchmarks/results)")
+    add_config_flags(p, exclude=("data", "device"))
 
 
 def main(args) -> int:

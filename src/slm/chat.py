@@ -24,6 +24,7 @@ it as the special id.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -35,12 +36,14 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from slm import distributed
 from slm.checkpoint import checkpoint_dir, load_model
-from slm.config import Config
+from slm.config import Config, add_checkpoint_choice, add_placement
 from slm.device import pick_device, pick_dtype
+from slm.distributed import World
 from slm.errors import SlmError
 from slm.constraints import request_words, word_first_ids
-from slm.generate import SamplingSettings, make_generator, stream
+from slm.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, make_generator, stream
 from slm.model import GPT, IGNORE_INDEX
 from slm.runfiles import read_sampling
 from slm.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
@@ -94,7 +97,7 @@ def render(messages: list[Message], add_generation_prompt: bool = False) -> tupl
     return ids, mask
 
 
-def prompt_ids(messages: list[Message]) -> list[int]:
+def conversation_ids(messages: list[Message]) -> list[int]:
     """The ids to generate the next assistant message from: the conversation, then the assistant marker."""
     return render(messages, add_generation_prompt=True)[0]
 
@@ -110,7 +113,7 @@ def fit_context(messages: list[Message], max_tokens: int) -> list[Message]:
     max_tokens. A newest message that alone is too long is kept; generation then sees its last tokens."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest = messages[len(system):]
-    while len(rest) > 1 and len(prompt_ids(system + rest)) > max_tokens:
+    while len(rest) > 1 and len(conversation_ids(system + rest)) > max_tokens:
         rest = rest[1:]
         while len(rest) > 1 and rest[0]["role"] != "user":  # whole turns: a history starts with a question
             rest = rest[1:]
@@ -222,31 +225,29 @@ def masked_windows(data: SftData, starts: np.ndarray, block_size: int) -> tuple[
     return ids[:, :-1], np.where(learn[:, 1:], ids[:, 1:], IGNORE_INDEX)
 
 
-def _to_device(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.from_numpy(a).to(device) for a in arrays)
-
-
 class SftBatches:
     """Windows of the packed conversations for train.train; like pretraining's, step s's global batch is a
     pure function of (seed, step), so a run is reproducible and needs no sampler state."""
 
-    def __init__(self, data: SftData, cfg: Config, device: torch.device) -> None:
-        self.data, self.cfg, self.device = data, cfg, device
+    def __init__(self, data: SftData, cfg: Config, device: torch.device, world: World = World()) -> None:
+        self.data, self.cfg, self.device, self.world = data, cfg, device, world
 
     def __call__(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        t, block_size = self.cfg.train, self.cfg.model.block_size
+        """This process's micro-batches: its slice of the global batch."""
+        t = self.cfg.train
         rng = np.random.default_rng((t.seed, step))
         starts = self.data.starts[rng.integers(0, len(self.data.starts), size=t.batch_size)]
-        return [_to_device(masked_windows(self.data, starts[i:i + t.micro_batch_size], block_size), self.device)
-                for i in range(0, t.batch_size, t.micro_batch_size)]
+        return distributed.micro_batches(distributed.share(starts, self.world), t.micro_batch_size, self.window)
 
+    def first(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `count` micro-batches of windows, in order: a fixed set for every evaluation to score."""
+        t = self.cfg.train
+        starts = self.data.starts[:count * t.micro_batch_size]
+        return distributed.micro_batches(starts, t.micro_batch_size, self.window)
 
-def validation_batches(data: SftData, cfg: Config, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed windows every evaluation scores: the first eval_batches micro-batches of windows."""
-    t, block_size = cfg.train, cfg.model.block_size
-    starts = data.starts[:t.eval_batches * t.micro_batch_size]
-    return [_to_device(masked_windows(data, starts[i:i + t.micro_batch_size], block_size), device)
-            for i in range(0, len(starts), t.micro_batch_size)]
+    def window(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = masked_windows(self.data, starts, self.cfg.model.block_size)
+        return torch.from_numpy(inputs).to(self.device), torch.from_numpy(targets).to(self.device)
 
 
 # ---- answering --------------------------------------------------------------------------------------
@@ -268,7 +269,8 @@ class ChatSession:
         for an answer of up to half the context; a longer one slides the window over its own beginning."""
         fitted = fit_for_answer(messages, self.model.config.block_size, self.settings.max_new_tokens)
         words = [word_first_ids(get_tokenizer(), request_words_of(messages))] if self.settings.word_bias else None
-        for delta in stream(self.model, get_tokenizer(), [prompt_ids(fitted)], self.settings, self.generator, words):
+        for delta in stream(self.model, get_tokenizer(), [conversation_ids(fitted)], self.settings, self.generator,
+                            words):
             yield delta.text
 
     def say(self, text: str) -> Iterator[str]:
@@ -342,15 +344,33 @@ def _typed_lines() -> Iterator[str]:
             return
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_choice(p)
+    add_placement(p)
+    p.add_argument("--system", default=None, help="a system message that starts every conversation")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="the most new tokens per answer (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; higher = more random "
+                   f"(default: the run's sampling.json, else {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
+    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely ids whose "
+                   "probability reaches p (default: the run's sampling.json, else 1, all)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="above 1, ids already in the prompt "
+                   "or the output get less likely (default: the run's sampling.json, else 1, none)")
+    p.add_argument("--word-bias", type=float, default=None, help="added to the logits of the words a request "
+                   "names until the answer uses each (default: the run's sampling.json, else 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling; the same seed gives the same answers")
+
+
 def main(args) -> int:
     device = pick_device(args.device)
     folder = checkpoint_dir(args.run, args.checkpoint)
     model, cfg, _ = load_model(folder, device, pick_dtype(args.dtype, device))
-    # The run's own sampling (RUN/sampling.json) where no flag is given, else SamplingSettings' defaults.
+    # The run's own sampling (RUN/sampling.json) where no flag is given, else the defaults of every command.
     given = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "word_bias")
              if getattr(args, key) is not None}
     settings = SamplingSettings(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                                **{"temperature": 0.8, **read_sampling(args.run), **given})
+                                **{"temperature": DEFAULT_TEMPERATURE, **read_sampling(args.run), **given})
     settings.check(cfg.model.vocab_size)
     session = ChatSession(model, args.system, settings, make_generator(device, args.seed))
     if sys.stdin.isatty():

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from slm.config import Config
 from slm.errors import SlmError
 from slm.model import GPT
-from slm.runfiles import MANIFEST, fsync_dir, manifest_field
+from slm.runfiles import MANIFEST, atomic_path, fsync_dir, manifest_field
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -72,54 +72,50 @@ def save(run_dir: Path, name: str, model: GPT, cfg: Config, tokenizer: dict[str,
     replaces moves to RUN/history/ when `keep` > 1, where only the newest keep - 1 stay. `weights` is the
     model's full state dict when the model itself holds only a shard of it (FSDP)."""
     final = run_dir / name
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        full = weights if weights is not None else model.state_dict()
-        state = {k: v.detach().contiguous() for k, v in full.items() if k != TIED_HEAD}
-        metadata = {"format_version": str(FORMAT_VERSION), "config": cfg.to_json(),
-                    "tokenizer": json.dumps(tokenizer)}
-        save_file(state, tmp / WEIGHTS, metadata=metadata)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER)
-        files = {file.name: _sha256(file) for file in sorted(tmp.iterdir())}
-        manifest = {"step": step, "parameters": model.num_parameters(), "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            full = weights if weights is not None else model.state_dict()
+            state = {k: v.detach().contiguous() for k, v in full.items() if k != TIED_HEAD}
+            metadata = {"format_version": str(FORMAT_VERSION), "config": cfg.to_json(),
+                        "tokenizer": json.dumps(tokenizer)}
+            save_file(state, tmp / WEIGHTS, metadata=metadata)
+            if trainer_state is not None:
+                torch.save(trainer_state, tmp / TRAINER)
+            files = {file.name: _sha256(file) for file in sorted(tmp.iterdir())}
+            manifest = {"step": step, "parameters": model.num_parameters(), "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+            for file in tmp.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            if keep > 1 and final.exists():  # kept in history rather than deleted once the new one is in place
+                retired = run_dir / HISTORY / f"step-{manifest_field(final, 'step') or 0:08d}"
+                retired.parent.mkdir(exist_ok=True)
+                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(final, retired)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         if err.errno == errno.ENOSPC:
             raise SlmError(f"the disk filled while writing a checkpoint to {final}; the previous checkpoint "
                            f"is intact: free some space, then resume with --resume") from None
         raise
-    if final.exists():
-        retired = (run_dir / HISTORY / f"step-{manifest_field(final, 'step') or 0:08d}" if keep > 1
-                   else run_dir / f".{name}.old-{os.getpid()}")
-        retired.parent.mkdir(exist_ok=True)
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(final, retired)
-    os.replace(tmp, final)
     fsync_dir(run_dir)
-    shutil.rmtree(run_dir / f".{name}.old-{os.getpid()}", ignore_errors=True)
     if keep > 1:
         for old in sorted((run_dir / HISTORY).glob("step-*"), reverse=True)[keep - 1:]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def verify(folder: Path) -> None:
-    """Raise SlmError unless every file of the checkpoint matches the hash its manifest recorded."""
+def verify(folder: Path, names: tuple[str, ...] | None = None) -> None:
+    """Raise SlmError unless every file of the checkpoint (or those in `names`) matches the hash its manifest
+    recorded."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SlmError(f"{folder} has no readable {MANIFEST} ({err}); it is incomplete") from None
-    for name, expected in files.items():
-        if not (folder / name).is_file() or _sha256(folder / name) != expected:
+    for name in files if names is None else names:
+        if not (folder / name).is_file() or _sha256(folder / name) != files.get(name):
             raise SlmError(f"{folder / name} is truncated or corrupt (its hash differs from {MANIFEST})")
 
 
@@ -176,10 +172,15 @@ def load_weights(model: GPT, folder: Path) -> None:
 
 def load_model(checkpoint_dir: Path, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[GPT, Config, dict[str, Any]]:
-    """Rebuild the model of a checkpoint folder; returns (model in eval mode, config, tokenizer identity).
+    """Rebuild the model of a checkpoint folder whose weights match its manifest; returns (model in eval mode,
+    config, tokenizer identity).
     Generation loads its weights in the compute dtype (half the memory, no per-step casts); evaluation
     keeps float32 weights and autocasts, so norms and the loss accumulate in float32."""
     cfg, tokenizer = read_header(checkpoint_dir)
+    try:
+        verify(checkpoint_dir, (WEIGHTS,))  # trainer.pt is not read here, so not hashed either
+    except SlmError as err:
+        raise SlmError(f"{err}; use the run's other checkpoint (--checkpoint best or last) or retrain") from None
     model = GPT(cfg.model)
     load_weights(model, checkpoint_dir)
     return model.to(device=device, dtype=dtype).eval(), cfg, tokenizer

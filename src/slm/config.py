@@ -102,6 +102,9 @@ class TrainConfig:
                          "CPU it measured slower, see benchmarks/README.md)", "auto")
     fsdp: bool = _help("under torchrun, shard parameters, gradients and optimizer state over the processes "
                        "(FSDP2 fully_shard) instead of replicating them (DDP)", False)
+    collective_timeout: float = _help("seconds a process waits in a collective (all-reduce, barrier) for the "
+                                      "others before the run stops with an error: a stopped or hung process "
+                                      "cannot make a multi-process run hang for ever", 600.0)
     keep_checkpoints: int = _help("resumable checkpoints kept: RUN/last plus the newest older ones in "
                                   "RUN/history (RUN/best is kept besides)", 2)
     max_bad_steps: int = _help("stop after this many optimizer steps in a row with a non-finite loss or "
@@ -113,7 +116,8 @@ class TrainConfig:
         _positive("train", batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
                   learning_rate=self.learning_rate, max_steps=self.max_steps,
                   eval_interval=self.eval_interval, eval_batches=self.eval_batches,
-                  keep_checkpoints=self.keep_checkpoints, max_bad_steps=self.max_bad_steps)
+                  keep_checkpoints=self.keep_checkpoints, max_bad_steps=self.max_bad_steps,
+                  collective_timeout=self.collective_timeout)
         if self.batch_size % self.micro_batch_size:
             raise SlmError(f"--batch-size ({self.batch_size}) must be a multiple of --micro-batch-size "
                            f"({self.micro_batch_size})")
@@ -142,8 +146,8 @@ class TrainConfig:
 # Train fields a resumed run may change: budgets, reporting and placement. Everything else would make the
 # resumed run a different run, so changing it on --resume is an error.
 RESUMABLE_CHANGES = frozenset({"data", "max_steps", "max_tokens", "max_minutes", "eval_interval", "eval_batches",
-                               "sample_tokens", "device", "dtype", "compile", "fsdp", "keep_checkpoints",
-                               "max_bad_steps", "tensorboard"})
+                               "sample_tokens", "device", "dtype", "compile", "fsdp", "collective_timeout",
+                               "keep_checkpoints", "max_bad_steps", "tensorboard"})
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,40 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             else:
                 group.add_argument(flag, type=kind, metavar=f.name.upper(), **common)
+
+
+# ---- the arguments several commands share, declared once so that a flag means one thing everywhere ----------
+
+def add_config_source(p: argparse.ArgumentParser) -> None:
+    """--preset and --config: the layers `resolve` puts under the config flags."""
+    p.add_argument("--preset", choices=preset_names(), help="start from a named preset")
+    p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (over the preset)")
+
+
+def add_run_out(p: argparse.ArgumentParser, verb: str) -> None:
+    """--out, --resume, --force and --nproc of a command that trains a run (train, finetune)."""
+    p.add_argument("--out", required=True, help="run folder to write: checkpoints, config.toml, metrics.jsonl")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest valid checkpoint (same command line + --resume)")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.add_argument("--nproc", type=int, default=0,
+                   help=f"{verb} on this many processes of this machine: runs this command under torchrun")
+
+
+def add_checkpoint_choice(p: argparse.ArgumentParser,
+                          run: str | None = "run folder written by `slm train` or `slm finetune`") -> None:
+    """The RUN argument with this help (none when run is None) and --checkpoint, read by checkpoint_dir."""
+    if run:
+        p.add_argument("run", help=run)
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint to load: best (lowest validation loss) or last (newest) (default: best)")
+
+
+def add_placement(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of a command that loads a model: device.pick_device and pick_dtype read them."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute precision (default: auto: bfloat16 "
+                   "on CUDA and on CPUs with native bf16, float32 elsewhere)")
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

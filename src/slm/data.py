@@ -13,14 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slm import distributed
 from slm.chat import render_text
+from slm.config import Config
 from slm.constraints import story_facts, story_request
+from slm.distributed import World
 from slm.errors import SlmError
 from slm.model import IGNORE_INDEX
 from slm.prepare import read_meta
 from slm.tokenizer import EOT_ID, get_tokenizer
 
-SPLITS = ("train", "validation")
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (B, T)
 _VALIDATION_STREAM = 2**31 - 1  # a step number training never reaches: the fixed validation windows
 
 
@@ -132,3 +135,38 @@ class ConditionedRows:
             xs.append(ids[:-1])
             ys.append(np.where(learn[1:], ids[1:], IGNORE_INDEX))
         return torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device)
+
+
+class PretrainBatches:
+    """Random windows of the training memmap; step s always gets the same global batch."""
+
+    def __init__(self, data_dir: str, cfg: Config, device: torch.device, world: World = World()) -> None:
+        self.tokens = open_split(data_dir, "train")
+        check_fits(self.tokens, cfg.model.block_size, "train")
+        self.cfg, self.device, self.world = cfg, device, world
+        self.conditioned = (ConditionedRows(self.tokens, cfg.model.block_size, cfg.train.seed,
+                                                 cfg.train.instruct_share) if cfg.train.instruct_share else None)
+
+    def __call__(self, step: int) -> list[Batch]:
+        """This process's micro-batches: its contiguous slice of the global batch, which depends only on
+        (seed, step), so the run is the same whatever the number of processes."""
+        t = self.cfg.train
+        starts = window_starts(t.seed, step, t.batch_size, len(self.tokens), self.cfg.model.block_size)
+        mine = distributed.share(starts, self.world)
+        first = self.world.rank * len(mine)
+        if self.conditioned is not None:
+            return [self.conditioned.batch(mine[i:i + t.micro_batch_size], step,
+                                           list(range(first + i, first + i + t.micro_batch_size)), self.device)
+                    for i in range(0, len(mine), t.micro_batch_size)]
+        block_size = self.cfg.model.block_size
+        return distributed.micro_batches(mine, t.micro_batch_size,
+                                         lambda starts: get_batch(self.tokens, starts, block_size, self.device))
+
+
+def validation_batches(data_dir: str, cfg: Config, device: torch.device) -> list[Batch]:
+    tokens = open_split(data_dir, "validation")
+    check_fits(tokens, cfg.model.block_size, "validation")
+    t = cfg.train
+    starts = validation_starts(t.seed, t.eval_batches * t.micro_batch_size, len(tokens), cfg.model.block_size)
+    return distributed.micro_batches(starts, t.micro_batch_size,
+                                     lambda window: get_batch(tokens, window, cfg.model.block_size, device))

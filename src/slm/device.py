@@ -72,6 +72,12 @@ def should_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or setting == "auto" and device.type == "cuda"
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile with the backend SLM_COMPILE_BACKEND names (default: inductor). The tests compile with
+    "eager", which runs every compiled code path (the wrappers, graph breaks) in seconds on any CPU."""
+    return torch.compile(model, backend=os.environ.get("SLM_COMPILE_BACKEND", "inductor"))
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass; a no-op in float32."""
     if dtype == torch.float32:

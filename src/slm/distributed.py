@@ -8,8 +8,14 @@ variables everything here is a no-op for one process. NCCL on CUDA, gloo on the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import datetime
 import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +25,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from slm.device import pick_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,10 @@ class World:
         return self.world_size > 1
 
 
-def setup(device_name: str) -> tuple[World, torch.device]:
-    """This process's place in the world (from torchrun's RANK, LOCAL_RANK, WORLD_SIZE) and its device."""
+def setup(device_name: str, collective_timeout: float = 600.0) -> tuple[World, torch.device]:
+    """This process's place in the world (from torchrun's RANK, LOCAL_RANK, WORLD_SIZE) and its device.
+    A collective that waits longer than `collective_timeout` seconds for the other processes raises instead
+    of waiting for ever, so a stopped or hung process cannot make the others unkillable."""
     if "RANK" not in os.environ:
         return World(), pick_device(device_name)
     world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
@@ -46,8 +56,24 @@ def setup(device_name: str) -> tuple[World, torch.device]:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        die_with_parent()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=collective_timeout))
     return world, device
+
+
+def die_with_parent() -> None:
+    """torchrun starts each worker in a session of its own, so a torchrun that is killed outright (SIGKILL,
+    or a second Ctrl-C) would leave its workers running with the GPUs they hold. Linux's parent-death
+    signal ends them with it."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1  # from linux/prctl.h
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def initialized() -> bool:
+    """Whether this process runs under torchrun (its process group is set up), whatever the world's size."""
+    return dist.is_initialized()
 
 
 def teardown() -> None:
@@ -55,15 +81,16 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
-    """DDP replicates the model; FSDP2 shards each block and then the rest (embeddings, tied head, final
-    norm) in place, so the optimizer must be built after this."""
-    if not world.distributed:
-        return model
-    if fsdp:
-        for block in model.transformer.h:
-            fully_shard(block)
-        return fully_shard(model)
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2: shard each block, then the rest (embeddings, tied head, final norm), in place: `model` stays
+    the module whose state is saved, and the optimizer must be built after this."""
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def replicate(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP: a wrapper that all-reduces the gradients in backward."""
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -71,12 +98,13 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def gradient_sync(model: torch.nn.Module, world: World, enabled: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if is_sharded(model):
-        model.set_requires_gradient_sync(enabled)
+def gradient_sync(trained: torch.nn.Module, world: World, enabled: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient reduction on all but the last micro-batch of a step. `trained` may be compiled:
+    torch.compile's wrapper passes these methods through to the module it wraps."""
+    if hasattr(trained, "set_requires_gradient_sync"):  # FSDP
+        trained.set_requires_gradient_sync(enabled)
     elif world.distributed and not enabled:
-        return model.no_sync()
+        return trained.no_sync()
     return contextlib.nullcontext()
 
 
@@ -103,6 +131,17 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                                "param_groups": groups})
 
 
+def share(items: Sequence, world: World) -> Sequence:
+    """This process's consecutive slice of a global batch (whose size the world's size divides)."""
+    per_process = len(items) // world.world_size
+    return items[world.rank * per_process:(world.rank + 1) * per_process]
+
+
+def micro_batches(starts: Sequence, size: int, window: Callable[[Sequence], T]) -> list[T]:
+    """Consecutive micro-batches of `size` window starts, each made a batch by `window`."""
+    return [window(starts[i:i + size]) for i in range(0, len(starts), size)]
+
+
 def total(values: list[float], world: World, device: torch.device) -> list[float]:
     """The sum over all processes of each value (the values themselves in one process)."""
     if not world.distributed:
@@ -115,3 +154,18 @@ def total(values: list[float], world: World, device: torch.device) -> list[float
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """Gloo and NCCL report a collective that waited past its timeout as a RuntimeError saying so."""
+    return initialized() and isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+
+
+HANG_FOR_TESTS = "SLM_TEST_HANG_AT_STEP"
+
+
+def hang_if_testing(world: World, step: int) -> None:
+    """Tests of stopping a hung run set SLM_TEST_HANG_AT_STEP=N: after step N the last process skips the
+    step's collectives and waits for a message nobody sends, as a crashed or deadlocked peer would."""
+    if world.distributed and world.rank == world.world_size - 1 and os.environ.get(HANG_FOR_TESTS) == str(step):
+        dist.recv(torch.zeros(1), src=0)

@@ -19,6 +19,7 @@ default (--temperature 0), so the scores belong to the checkpoint, not to luck.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -27,12 +28,13 @@ from typing import Any
 
 import torch
 
-from slm.chat import Message, check_messages, prompt_ids, request_words_of
+from slm.chat import Message, check_messages, conversation_ids, request_words_of
 from slm.checkpoint import checkpoint_dir, load_model
+from slm.config import add_checkpoint_choice, add_placement
 from slm.constraints import check, distinct_4grams, is_story, word_count, word_first_ids
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
-from slm.generate import SamplingSettings, complete, make_generator
+from slm.generate import DEFAULT_MAX_NEW_TOKENS, SamplingSettings, complete, make_generator
 from slm.tokenizer import get_tokenizer
 
 CONSTRAINTS = ("words", "name", "starts", "ends", "dialogue", "length")
@@ -100,7 +102,7 @@ def answer_prompts(model: torch.nn.Module, prompts: list[Prompt], settings: Samp
         batch = prompts[start:start + batch_size]
         words = ([word_first_ids(tokenizer, request_words_of(conversation)) for _, conversation in batch]
                  if settings.word_bias else None)
-        done = complete(model, tokenizer, [prompt_ids(conversation) for _, conversation in batch], settings,
+        done = complete(model, tokenizer, [conversation_ids(conversation) for _, conversation in batch], settings,
                         generator, words)
         answers += [(a.text, a.finish_reason == "stop") for a in done]  # no stop strings: stop is end-of-text
     return answers
@@ -132,8 +134,32 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders to compare, e.g. the base and the fine-tune")
+    p.add_argument("--prompts", required=True, help="held-out prompts written by `slm make-instructions --prompts-out`")
+    add_checkpoint_choice(p, run=None)
+    add_placement(p)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="the most new tokens per answer (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random (default: 0, "
+                   "unlike generate and chat, so that the scores belong to the checkpoint, not to luck)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample only among the most likely ids whose probability reaches p (default: 1, all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1, ids already in the prompt or the output get less likely (default: 1, none)")
+    p.add_argument("--word-bias", type=float, default=0.0,
+                   help="added to the logits of the words a request names until the answer uses each (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling when --temperature > 0 (default: 0)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="also print the first N answers of each run")
+    p.add_argument("--micro-batch-size", type=int, default=8,
+                   help="prompts decoded together: speed and memory, not scores (default: 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
 def main(args) -> int:
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+    for flag, value in (("--limit", args.limit), ("--micro-batch-size", args.micro_batch_size)):
         if value is not None and value < 1:
             raise SlmError(f"{flag} must be at least 1 (got {value})")
     folders = [checkpoint_dir(run, args.checkpoint) for run in args.runs]  # a wrong run fails before any work
@@ -143,7 +169,7 @@ def main(args) -> int:
                                 max_new_tokens=args.max_new_tokens, word_bias=args.word_bias)
     results = []
     for run, folder in zip(args.runs, folders):
-        scores, answers = score_run(folder, prompts, device, settings, args.seed, args.batch_size,
+        scores, answers = score_run(folder, prompts, device, settings, args.seed, args.micro_batch_size,
                                     pick_dtype(args.dtype, device))
         results.append({"run": str(run), "checkpoint": str(folder), "scores": scores})
         if args.show:

@@ -9,6 +9,7 @@ cost. Bits per byte divides by the UTF-8 bytes of the text, so models with diffe
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from slm import data
 from slm.checkpoint import checkpoint_dir, load_model
+from slm.config import add_checkpoint_choice, add_placement
 from slm.device import autocast, keep_freed_memory, pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.model import GPT
@@ -97,9 +99,19 @@ def table(results: dict[str, float | int], checkpoint: Path, source: str) -> str
     ])
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_choice(p)
+    add_placement(p)
+    p.add_argument("--data", required=True, help="a prepared folder (its validation split) or a .txt/.jsonl file")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL rows")
+    p.add_argument("--micro-batch-size", type=int, default=16,
+                   help="windows per forward pass: memory, not results (default: 16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
 def main(args) -> int:
-    if args.batch_size < 1:
-        raise SlmError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.micro_batch_size < 1:
+        raise SlmError(f"--micro-batch-size must be at least 1 (got {args.micro_batch_size})")
     chosen = checkpoint_dir(args.run, args.checkpoint)  # a wrong run fails before a long tokenization
     path = Path(args.data)
     if not path.exists():
@@ -116,7 +128,8 @@ def main(args) -> int:
     keep_freed_memory()
     model, cfg, model_tokenizer = load_model(chosen, device)
     check_data_matches({"tokenizer": tokenizer}, cfg, model_tokenizer)
-    total_nats, n_predicted = evaluate_tokens(model, tokens, args.batch_size, device, pick_dtype(args.dtype, device))
+    total_nats, n_predicted = evaluate_tokens(model, tokens, args.micro_batch_size, device,
+                                              pick_dtype(args.dtype, device))
     results = report(total_nats, n_predicted, n_bytes)
     print(json.dumps(results) if args.json else table(results, chosen, source))
     return 0

@@ -14,8 +14,8 @@ exactly the compact head's full logits; `expanded_head` explains how without a b
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from slm import checkpoint, runfiles
 from slm.card import hub_card
-from slm.config import Config, ModelConfig
+from slm.config import Config, ModelConfig, add_checkpoint_choice
 from slm.errors import SlmError
 from slm.model import GPT, CompactHead
 from slm.plot import CURVES
@@ -44,6 +44,10 @@ PER_LAYER = [("ln_1.weight", "attn_norm.weight", False), ("ln_1.bias", "attn_nor
              ("mlp.c_proj.weight", "ffn_down.weight", True), ("mlp.c_proj.bias", "ffn_down.bias", False)]
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are tanh GELU, which model.py computes
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which model.py uses
+# A compact head's expanded rows carry log q(id), about -11, through a dot product whose other terms have the
+# embedding's scale: rounded like the other weights they moved logits 5 to 6 times more than a full head's do
+# (tests/test_export.py's models: f16 2.6e-3 against 4.2e-4, q8_0 4.6e-2 against 9.6e-3); one type up, less.
+COMPACT_HEAD_OUTTYPE = {"f32": "f32", "f16": "f32", "q8_0": "f16"}
 
 
 def table(n_layer: int) -> list[tuple[str, str, bool]]:
@@ -57,35 +61,40 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise SlmError("this model has bias=False, which Hugging Face's GPT-2 cannot express; export needs bias=True")
 
 
-def expanded_head(model: GPT) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (V, C) head and a final layer norm bias that give a compact head's exact full-vocabulary logits.
+def expanded_head(model: GPT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (V, C) head and a final layer norm (gain, bias) that give a compact head's exact full-vocabulary logits.
 
     Row i of the head is the vector of i's class (its own embedding, or "other"), and a rare id's logit needs
-    + log q(i) on top; GPT-2's lm_head has no bias for it. But ln_f's output y = n*g + b, with n normalised,
-    sums to zero over channels, so along u = 1/g it is constant: u.y = u.b for every input. The head rides
-    log q on that direction: b' = b + k*g makes u.b' = C, and row i gains s_i*u with
-    s_i = (log q(i) - k*(row_i.g)) / C, which adds exactly log q(i) to logit i (the k*g shift of the bias is
-    paid back in the same s_i). Computed in float64 so the float32 result is exact to rounding."""
+    + log q(i) on top; GPT-2's lm_head has no bias for it. ln_f's output is y = n*g + b with n normalised, so
+    logit i is row_i.(n*g) + bias_i, bias_i = row_i.b + log q(i) a constant per id. Two exact rewrites carry it:
+    - scaling channel d of every row by g_d/G (G = rms(g)) turns ln_f's gain into the constant G; the rows keep
+      the embedding's scale on average, and a small g_d shrinks a channel instead of inflating it;
+    - n sums to zero over channels, so ln_f's output with the constant bias beta sums to C*beta for every input:
+      t_i added to each channel of row i adds t_i*C*beta to logit i, and t_i pays bias_i less what row i's
+      scaled channels already get from beta.
+    beta makes the rows (by t) and the activations (by beta) grow by the same factor over their scales, no more
+    than each needs; llama.cpp rounds both to f16 or q8_0 blocks. Computed in float64, exact to f32 rounding."""
     head, ln_f = model.lm_head, model.transformer.ln_f
     if not isinstance(head, CompactHead):
-        return model.transformer.wte.weight.detach(), ln_f.bias.detach()
+        return model.transformer.wte.weight.detach(), ln_f.weight.detach(), ln_f.bias.detach()
     g, b = ln_f.weight.detach().double(), ln_f.bias.detach().double()
-    if g.abs().min() < 1e-6:
-        raise SlmError("the final layer norm has a zero gain, so the compact head cannot be expanded exactly "
-                       "for export; fine-tune a few steps more or train with --vocab-head 0")
-    rows = torch.cat([model.transformer.wte.weight.detach()[head.head_ids], head.other.detach()]).double()
-    rows = rows[head.class_of]                                                       # (V, C)
-    C = g.numel()
-    k = 1 - (b / g).sum() / C
-    s = (head.log_q.double() - k * (rows @ g)) / C
-    return (rows + s[:, None] / g).float(), (b + k * g).float()
+    wte = model.transformer.wte.weight.detach().double()
+    rows = torch.cat([wte[head.head_ids], head.other.detach().double()])[head.class_of]  # (V, C)
+    bias = rows @ b + head.log_q.double()                                                 # (V,)
+    C, G = g.numel(), g.square().mean().sqrt()
+    rows *= g / G
+    rho = (wte * (g / G)).square().mean().sqrt()  # the scaled embedding's scale
+    beta = G * max(1.0, (bias.abs().max() / (C * rho * G)).sqrt().item())
+    t = (bias - beta * rows.sum(1)) / (C * beta)
+    return (rows + t[:, None]).float(), torch.full_like(g, G).float(), torch.full_like(g, beta).float()
 
 
 def export_state(model: GPT) -> dict[str, torch.Tensor]:
     """Every exported tensor by its slm (= HF) name, in nn.Linear's layout, the head as `lm_head.weight`."""
     state = model.state_dict()
     tensors = {name: state[name] for name, _, _ in table(model.config.n_layer)}
-    tensors[checkpoint.TIED_HEAD], tensors["transformer.ln_f.bias"] = expanded_head(model)
+    (tensors[checkpoint.TIED_HEAD], tensors["transformer.ln_f.weight"],
+     tensors["transformer.ln_f.bias"]) = expanded_head(model)
     return tensors
 
 
@@ -206,23 +215,11 @@ def write_hf_folder(model: GPT, out: Path, chat: bool, card: str) -> None:
 
 
 def write_atomically(out: Path, force: bool, write) -> None:
-    """Build the folder or file under a temporary name, then rename it into place; a replaced `out` is
-    moved aside first and deleted last, so a crash leaves either the old or the new one whole."""
+    """`write(tmp)` builds the folder or file, which then replaces `out` whole (runfiles.atomic_path)."""
     if out.exists() and not force:
         raise SlmError(f"{out} already exists; pass --force to replace it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out.with_name(f".{out.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
-    try:
+    with runfiles.atomic_path(out) as tmp:
         write(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        for leftover in (tmp, old):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            elif leftover.exists():
-                leftover.unlink()
 
 
 def export_hf(run: str | Path, out: str | Path, which: str = "best", force: bool = False) -> Path:
@@ -271,8 +268,10 @@ def push_to_hub(folder: Path, repo: str) -> None:
 
 # ---- GGUF -------------------------------------------------------------------------------------------------
 
-def export_gguf(run: str | Path, out: str | Path, which: str = "best", dtype: str = "f16", force: bool = False) -> Path:
-    """A GGUF file for llama.cpp's `gpt2` architecture; 2-D weights in `dtype`, norms and biases in f32."""
+def export_gguf(run: str | Path, out: str | Path, which: str = "best", outtype: str = "f16",
+                force: bool = False) -> Path:
+    """A GGUF file for llama.cpp's `gpt2` architecture; 2-D weights in `outtype` (a compact head's expanded
+    rows one type more precise: COMPACT_HEAD_OUTTYPE), norms and biases in f32."""
     try:
         import gguf
     except ImportError:
@@ -283,11 +282,11 @@ def export_gguf(run: str | Path, out: str | Path, which: str = "best", dtype: st
     m = cfg.model
     quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}
-    if dtype not in quant:
-        raise SlmError(f"--dtype must be one of {', '.join(quant)} (got {dtype!r})")
+    if outtype not in quant:
+        raise SlmError(f"--outtype must be one of {', '.join(quant)} (got {outtype!r})")
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    if dtype == "q8_0" and m.n_embd % block:
-        raise SlmError(f"q8_0 needs n_embd divisible by {block} (got {m.n_embd}); use --dtype f16")
+    if outtype == "q8_0" and m.n_embd % block:
+        raise SlmError(f"q8_0 needs n_embd divisible by {block} (got {m.n_embd}); use --outtype f16")
     tokenizer = get_tokenizer()
     vocab_bpe, encoder_json = vocab_files()
     encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
@@ -307,7 +306,7 @@ def export_gguf(run: str | Path, out: str | Path, which: str = "best", dtype: st
         w.add_head_count(m.n_head)
         w.add_layer_norm_eps(LAYER_NORM_EPS)
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("gpt-2")
         w.add_token_list(tokens)
@@ -318,7 +317,8 @@ def export_gguf(run: str | Path, out: str | Path, which: str = "best", dtype: st
         w.add_eos_token_id(tokenizer.eot_id)
         for name, tensor in tensors:
             data = tensor.float().numpy()
-            kind = quant[dtype] if data.ndim == 2 else gguf.GGMLQuantizationType.F32  # llama.cpp keeps 1-D in f32
+            stored = COMPACT_HEAD_OUTTYPE[outtype] if name == "output.weight" and m.vocab_head else outtype
+            kind = quant[stored] if data.ndim == 2 else gguf.GGMLQuantizationType.F32  # llama.cpp keeps 1-D in f32
             if kind == gguf.GGMLQuantizationType.F16:
                 data = data.astype("float16")
             elif kind == gguf.GGMLQuantizationType.Q8_0:
@@ -332,6 +332,24 @@ def export_gguf(run: str | Path, out: str | Path, which: str = "best", dtype: st
     return out
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_choice(p)
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: a transformers model folder "
+                   "(default); gguf: one file for llama.cpp")
+    p.add_argument("--out", required=True, help="the folder (hf) or .gguf file to write")
+    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16", help="gguf: storage type of the "
+                   "weight matrices, as llama.cpp's converter names it; norms and biases stay f32 (default: f16)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="hf: also upload the folder to this Hub repository "
+                   "(needs `hf auth login` and the network)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a folder with config.json and model.safetensors or pytorch_model.bin")
+    p.add_argument("--out", required=True, help="run folder to write (config.toml, best/, last/)")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+
+
 def main(args) -> int:
     if args.command == "import":
         out = import_hf(args.dir, args.out, args.force)
@@ -340,7 +358,7 @@ def main(args) -> int:
     if args.format == "gguf":
         if args.push_to_hub:
             raise SlmError("--push-to-hub uploads a Hugging Face folder; use it with --format hf")
-        out = export_gguf(args.run, args.out, args.checkpoint, args.dtype, args.force)
+        out = export_gguf(args.run, args.out, args.checkpoint, args.outtype, args.force)
     else:
         out = export_hf(args.run, args.out, args.checkpoint, args.force)
         if args.push_to_hub:

@@ -10,6 +10,7 @@ of the new run's metrics.jsonl: the first evaluation line says where fine-tuning
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -17,11 +18,13 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from slm import checkpoint, runfiles, train
-from slm.chat import Message, SftBatches, pack, read_conversations, validation_batches
-from slm.config import Config, check_resume_changes, flags_from_args, resolve
-from slm.device import pick_device, pick_dtype
+from slm import checkpoint, distributed, runfiles, train
+from slm.chat import Message, SftBatches, pack, read_conversations
+from slm.config import (Config, add_checkpoint_choice, add_config_flags, add_run_out, check_resume_changes,
+                        flags_from_args, resolve)
+from slm.device import pick_dtype
 from slm.errors import SlmError
+from slm.launch import launch
 from slm.prepare import held_out
 from slm.runlog import RunLog
 from slm.tokenizer import get_tokenizer
@@ -79,33 +82,50 @@ def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: 
     else:
         rows, val_rows = split(conversations, val_fraction, cfg.train.seed)
     train_sft, val_sft = pack(rows, cfg.model.block_size), pack(val_rows, cfg.model.block_size)
-    if not resume_from:  # now that the data is known good: --force must not delete a run for a typo in it
-        checkpoint.prepare_run_dir(out, force, keep)
-    runfiles.write_text_atomic(out / "config.toml", cfg.to_toml())
-    device = pick_device(cfg.train.device)
-    val_batches = validation_batches(val_sft, cfg, device)
-    batches = SftBatches(train_sft, cfg, device)
+    world, device = distributed.setup(cfg.train.device, cfg.train.collective_timeout)
+    if world.is_main:
+        if not resume_from:  # now that the data is known good: --force must not delete a run for a typo in it
+            checkpoint.prepare_run_dir(out, force, keep)
+        runfiles.write_text_atomic(out / "config.toml", cfg.to_toml())
+    distributed.barrier(world)
+    val_batches = SftBatches(val_sft, cfg, device).first(cfg.train.eval_batches)
+    batches = SftBatches(train_sft, cfg, device, world)
     if resume_from:
         return train.train(cfg, out, batches, val_batches, resume_from=resume_from)
 
     model, _, _ = checkpoint.load_model(folder, device)
-    base_loss = train.estimate_loss(model, val_batches, device, pick_dtype(cfg.train.dtype, device))
-    recipe = {"base": str(folder), "data": str(data), "val_data": str(val_data) if val_data else None,
-              "val_fraction": None if val_data else val_fraction,
-              "conversations": {"train": len(rows), "validation": len(val_rows)},
-              "windows": {"train": len(train_sft.starts), "validation": len(val_sft.starts)}}
-    runfiles.write_text_atomic(out / "finetune.json", json.dumps(recipe, indent=2) + "\n")
-    with closing(RunLog(out, cfg, model.num_parameters(), first_step=0)) as log:  # TensorBoard's too
-        log.write({"step": 0, "val_loss": base_loss, "tokens_seen": 0})
-    t = cfg.train
-    print(f"fine-tuning {folder} on {len(rows):,} conversations ({len(train_sft.starts):,} windows of "
-          f"{cfg.model.block_size} tokens), validating on {len(val_rows):,}; up to {t.max_steps:,} steps, learning "
-          f"rate {t.learning_rate:g} -> {t.min_learning_rate:g}; the base model's validation loss on the "
-          f"assistant's tokens is {base_loss:.4f}", file=sys.stderr)
+    base_loss = train.estimate_loss(model, val_batches, device, pick_dtype(cfg.train.dtype, device), world)
+    if world.is_main:
+        recipe = {"base": str(folder), "data": str(data), "val_data": str(val_data) if val_data else None,
+                  "val_fraction": None if val_data else val_fraction,
+                  "conversations": {"train": len(rows), "validation": len(val_rows)},
+                  "windows": {"train": len(train_sft.starts), "validation": len(val_sft.starts)}}
+        runfiles.write_text_atomic(out / "finetune.json", json.dumps(recipe, indent=2) + "\n")
+        with closing(RunLog(out, cfg, model.num_parameters(), first_step=0)) as log:  # TensorBoard's too
+            log.write({"step": 0, "val_loss": base_loss, "tokens_seen": 0})
+        t = cfg.train
+        print(f"fine-tuning {folder} on {len(rows):,} conversations ({len(train_sft.starts):,} windows of "
+              f"{cfg.model.block_size} tokens), validating on {len(val_rows):,}; up to {t.max_steps:,} steps, "
+              f"learning rate {t.learning_rate:g} -> {t.min_learning_rate:g}; the base model's validation loss "
+              f"on the assistant's tokens is {base_loss:.4f}", file=sys.stderr)
     return train.train(cfg, out, batches, val_batches, init_model=model)
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_choice(p, run="the base run folder, written by `slm train`")
+    p.add_argument("--data", required=True,
+                   help='chat data: a .jsonl file of {"messages": [...]} or {"instruction", "input", "output"} rows')
+    p.add_argument("--val-data", metavar="FILE", help="validation conversations (default: hold out --val-fraction)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of --data held out for validation when there is no --val-data (default: 0.05)")
+    add_run_out(p, "fine-tune")
+    add_config_flags(p, ("train",), exclude=("data",))
+
+
 def main(args) -> int:
+    if args.nproc:
+        return launch(args.nproc, sys.argv[1:])
     state = finetune(args.run, args.data, args.out, args.val_data, args.val_fraction,
                      flags_from_args(args).get("train", {}), args.checkpoint, args.force, args.resume)
+    distributed.teardown()
     return 128 + state.stopped_by if state.stopped_by else 0

@@ -17,6 +17,7 @@ shorter row then keeps its newest block_size // 2 tokens too, or all of them if 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Iterator
@@ -24,12 +25,17 @@ from dataclasses import dataclass
 
 import torch
 
+from slm.config import add_checkpoint_choice, add_placement
 from slm.constraints import Words
 from slm.errors import SlmError
 from slm.model import GPT, CompactHead
-from slm.tokenizer import StreamDecoder, Tokenizer
+from slm.tokenizer import StopText, StreamDecoder, Tokenizer
 
 MAX_NEW_TOKENS = 100_000
+# The sampling defaults of every command (generate, chat, eval-assistant's --max-new-tokens, training's
+# samples). SamplingSettings' own temperature stays 1, the model's plain distribution, for library callers.
+DEFAULT_TEMPERATURE = 0.8  # a little sharper than the model's own distribution: fewer stray words
+DEFAULT_MAX_NEW_TOKENS = 256  # room for a whole story: the demo corpus's are 110 to 250 tokens
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class SamplingSettings:
     top_k: int | None = None  # sample among the k most likely ids only (exactly k, even with ties)
     top_p: float = 1.0  # nucleus: the smallest set of most likely ids whose probability reaches top_p
     repetition_penalty: float = 1.0  # CTRL: above 1, ids already in the prompt or the output get less likely
-    max_new_tokens: int = 200
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop: tuple[str, ...] = ()  # a row ends when its text contains one of these; its text ends before it
     # added to the logit of each word a request names (its first id, in each form) until the row writes it
     word_bias: float = 0.0
@@ -368,29 +374,6 @@ class TextDelta:
     finish_reason: str | None = None
 
 
-class StopText:
-    """One row's text as it arrives in pieces. A tail that could be the start of a stop string is held back
-    until it cannot be, so no part of a stop string is ever shown, even one split across tokens."""
-
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self.stop, self.text, self.shown = stop, "", 0
-
-    def add(self, piece: str, final: bool = False) -> tuple[str, bool]:
-        """(the text now safe to show, whether a stop string was reached); `final` releases what is held."""
-        self.text += piece
-        # No stop string starts before `shown`: its beginning would have been held back.
-        hits = [i for s in self.stop if (i := self.text.find(s, self.shown)) >= 0]
-        if hits:
-            end = min(hits)
-        elif final:
-            end = len(self.text)
-        else:  # hold back the longest tail that begins a stop string
-            end = len(self.text) - max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])),
-                                       default=0)
-        shown, self.shown = self.text[self.shown:end], end
-        return shown, bool(hits)
-
-
 def stream(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,
            generator: torch.Generator | None = None, words: list[Words] | None = None) -> Iterator[TextDelta]:
     """Text deltas of every row as its ids arrive, until each row has finished. A row finishes at end-of-text
@@ -439,8 +422,8 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                top_k: int | None = 200, seed: int | None = None) -> str:
+def sample_text(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+                temperature: float = DEFAULT_TEMPERATURE, top_k: int | None = 200, seed: int | None = None) -> str:
     """The prompt and a sample after it, ending at end-of-text; for the samples printed during training."""
     settings = SamplingSettings(temperature, top_k, max_new_tokens=max_new_tokens)
     ids = prompt_ids(tokenizer, prompt, model.config.block_size)
@@ -457,6 +440,25 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, block_size: int) -> list[int]:
               f"keeping its last {block_size - 1}", file=sys.stderr)
         ids = ids[-(block_size - 1):]
     return ids
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_choice(p)
+    add_placement(p)
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="the most new tokens per sample (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="0 = greedy; higher = more random (default: %(default)s)")
+    p.add_argument("--top-k", type=int, help="sample only among the k most likely ids")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample only among the most likely ids whose probability reaches p (default: 1, all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="above 1, ids already in the prompt or the output get less likely (default: 1, none)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the sample where this text appears, leaving it out; may be repeated")
+    p.add_argument("--seed", type=int, help="seed for sampling; the same seed gives the same text")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples to write (default: 1)")
 
 
 def main(args) -> int:

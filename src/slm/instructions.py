@@ -20,6 +20,7 @@ of them in seen wordings and half in held-out ones, each with its constraints an
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -31,6 +32,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
+from slm import runfiles
 from slm.constraints import main_character, phrasings, story_facts, story_request, word_list
 from slm.errors import SlmError
 from slm.prepare import held_out, open_source
@@ -98,18 +100,9 @@ def _check_out(path: Path, force: bool) -> None:
 
 
 def _open_atomic(stack: ExitStack, path: Path) -> TextIO:
-    """A temporary file beside `path`, renamed onto it by _commit; removed if anything fails first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    stack.callback(lambda: tmp.unlink(missing_ok=True))
+    """A temporary file beside `path`, renamed onto it when `stack` closes without an error, removed otherwise."""
+    tmp = stack.enter_context(runfiles.atomic_path(path))
     return stack.enter_context(open(tmp, "w", encoding="utf-8", newline="\n"))
-
-
-def _commit(file: TextIO, path: Path) -> None:
-    file.flush()
-    os.fsync(file.fileno())
-    file.close()
-    os.replace(file.name, path)
 
 
 def make_instructions(source: str, out: str | Path, prompts_out: str | Path | None = None,
@@ -161,12 +154,28 @@ def make_instructions(source: str, out: str | Path, prompts_out: str | Path | No
             raise SlmError(f"{source} gave no training conversations; it needs stories of a few sentences")
         if prompts_out and not counts["held_out"]:
             raise SlmError(f"{source} has no held-out stories for --prompts-out; raise --held-out")
-        for file, path in zip(files, targets):
-            _commit(file, path)
+        for file in files:
+            file.flush()
+            os.fsync(file.fileno())
     for part, path in zip(("train", "held_out"), targets):
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in sorted(counts[part].items()))
         print(f"wrote {sum(counts[part].values()):,} conversations to {path} ({kinds})", file=sys.stderr)
     return counts
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="demo, tinystories, hf:NAME[:CONFIG], or a .txt/.jsonl/.parquet file or folder")
+    p.add_argument("--out", required=True, help="the .jsonl file of training conversations to write")
+    p.add_argument("--prompts-out", metavar="FILE", help="also write held-out prompts, for `slm eval-assistant`")
+    p.add_argument("--held-out", type=float, default=None, metavar="N|FRACTION",
+                   help="where the source has no validation split: training stories held out for --prompts-out, "
+                        "the first N or a fraction (default: 100)")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="conversations per training story, each with fresh random choices (default: 1)")
+    p.add_argument("--max-stories", type=int, default=0, help="read at most this many stories (default: 0, all)")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/parquet/HF rows")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the instruction kinds and word choices")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
 
 
 def main(args) -> int:

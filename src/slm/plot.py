@@ -8,7 +8,7 @@ than pyplot's, so it needs no display and sets no global backend (PNG goes throu
 
 from __future__ import annotations
 
-import os
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,8 @@ def save_figure(fig, out: Path) -> None:
     if kind not in fig.canvas.get_supported_filetypes():
         raise SlmError(f"--out {out}: matplotlib cannot write {out.suffix or 'files without a suffix'}; "
                        f"use a .png, .svg or .pdf name")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format=kind)
-    os.replace(tmp, out)
+    with runfiles.atomic_path(out) as tmp:
+        fig.savefig(tmp, format=kind)
 
 
 def refresh_curves(run_dir: Path, records: list[dict[str, Any]]) -> None:
@@ -92,6 +91,11 @@ def labels(paths: list[str]) -> list[str]:
     """Each run's folder name, or its path where two runs share a name."""
     names = [Path(p).name if Path(p).is_dir() else Path(p).parent.name for p in paths]
     return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths)]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder made by `slm train` (or its metrics.jsonl)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="image to write (.png, .svg or .pdf)")
 
 
 def main(args) -> int:

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from slm import runfiles
 from slm.errors import SlmError
 from slm.stories import demo_documents
 from slm.tokenizer import EOT_TOKEN, get_tokenizer
@@ -339,7 +340,7 @@ def _remove_stale(out: Path) -> None:
     if os.name != "posix":  # there os.kill(pid, 0) would terminate the process: leave the folders
         return
     for path in out.parent.iterdir():
-        match = re.fullmatch(re.escape(out.name) + r"\.tmp-(\d+)", path.name)
+        match = re.fullmatch(r"\." + re.escape(out.name) + r"\.tmp-(\d+)", path.name)  # atomic_path's naming
         try:
             if match:
                 os.kill(int(match.group(1)), 0)  # signal 0 only asks whether the process exists
@@ -367,19 +368,11 @@ def prepare(source: str, out: str | Path, text_field: str = "text", val_fraction
     workers = workers or _cores()
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
     get_tokenizer()  # ~1 s to build: before the clock, and before forking so that workers inherit it
     start = time.perf_counter()
-    try:
+    with runfiles.atomic_path(out) as tmp:  # --force: the old folder goes only once the new one is complete
         tmp.mkdir()
         meta = _write_bins(tmp, source, splits, val_fraction, seed, workers)
-        if out.exists():  # --force: the old folder goes only once the new one is complete
-            os.rename(out, old)  # a directory cannot be renamed over a non-empty one
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
     seconds = time.perf_counter() - start
     counts = meta["splits"]
     sizes = ", ".join(f"{split} {counts[split]['tokens']:,} tokens ({counts[split]['documents']:,} documents)"
@@ -388,6 +381,18 @@ def prepare(source: str, out: str | Path, text_field: str = "text", val_fraction
     print(f"prepared {out}: {sizes}; {rate:.2f}M tokens/s over {seconds:.1f} s with {workers} "
           f"worker{'s' * (workers > 1)}", file=sys.stderr)
     return meta
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="demo, tinystories, hf:NAME[:CONFIG], or a .txt/.jsonl/.parquet file "
+                   "or a folder of them")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/parquet/HF rows")
+    p.add_argument("--val-fraction", type=float, default=0.005,
+                   help="share of documents held out for validation when the source has no such split")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the validation hold-out")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all cores)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
 def main(args: argparse.Namespace) -> int:

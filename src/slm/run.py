@@ -7,12 +7,13 @@ a few held-out requests answered, and the pretrained and fine-tuned models' scor
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from slm.config import resolve
+from slm.config import preset_names, resolve
 
 # Each pretraining pipeline: the corpus to prepare, the preset to train, and overrides of that preset.
 PIPELINES = {
@@ -107,6 +108,21 @@ def assistant(source: str, out: Path, max_minutes: float, preset: str, force: bo
         print(f"\n--- request ---\n{messages[-1]['content'].strip()}\n--- answer ---\n{answer.strip()}")
     how = ", ".join(f"{key} {value:g}" for key, value in RECIPE_SAMPLING.items())
     print(f"\nassistant scores on {len(prompts)} requests from held-out stories ({how}, seed 0):\n{table(results)}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", choices=(*PIPELINES, "assistant"), help="which pipeline")
+    p.add_argument("--out", default=None, help="run folder (default: runs/PIPELINE)")
+    p.add_argument("--data-out", default=None, help="prepared data folder (default: data/PIPELINE)")
+    p.add_argument("--max-minutes", type=float, default=None, help="training time budget in minutes "
+                   f"(assistant: of both stages together; default {ASSISTANT_MINUTES:g})")
+    p.add_argument("--source", default=None, help="assistant: the story corpus, any source `slm prepare` takes "
+                   "(default: demo)")
+    p.add_argument("--preset", default=None, choices=preset_names(),
+                   help="assistant: the model and batch preset of both stages (default: cpu)")
+    p.add_argument("--eval-prompts", type=int, default=60,
+                   help="assistant: held-out requests scored at the end, per model (default: 60)")
+    p.add_argument("--force", action="store_true", help="replace existing data and run folders")
 
 
 def main(args) -> int:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +26,38 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`, `.NAME.tmp-PID` (prepare removes those of dead processes), to build a
+    file or folder under; renamed over `path` when the block ends without an error, removed when it raises. A
+    folder cannot be renamed over another, so an existing one first moves aside to `.NAME.old-PID` and is deleted
+    last: a crash at any moment leaves the old one or the new one whole, never a mix. Flushing is the caller's."""
+    tmp, old = (path.with_name(f".{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)  # left by a killed process whose pid this one reuses
+    try:
+        yield tmp
+        if path.exists() and (path.is_dir() or tmp.is_dir()):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+        _remove(old)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `path` whole or not at all: a temporary file beside it, flushed to disk, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def manifest_field(folder: Path, key: str) -> int | None:

@@ -9,17 +9,21 @@ method does nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from slm import runfiles
 from slm.card import write_card
 from slm.config import Config
 from slm.errors import SlmError
 from slm.plot import refresh_curves
-from slm.runs import PID_FILE
+from slm.runs import PID_FILE, duration
 
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                     "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss", "val_bpb": "val/bpb"}
@@ -73,3 +77,37 @@ class RunLog:
         if self.tensorboard is not None:
             self.tensorboard.close()
         (self.run_dir / PID_FILE).unlink(missing_ok=True)
+
+
+class Progress:
+    """The step counter on stderr. On a terminal, a live bar; in a file or a pipe, one plain line every
+    LINE_SECONDS (a bar's carriage-return redraw per step would fill a 10-minute log with thousands)."""
+
+    LINE_SECONDS = 30.0
+
+    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
+        self.enabled, self.step, self.total = enabled, initial, total
+        self.started, self.first, self.last_line = time.monotonic(), initial, -math.inf
+        self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
+                         dynamic_ncols=True) if enabled and sys.stderr.isatty() else None)
+
+    def update(self, total: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        """One more step; `total` is the step the run is now expected to end at."""
+        self.step, self.total = self.step + 1, total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        elif self.enabled and time.monotonic() - self.last_line >= self.LINE_SECONDS:
+            self.last_line = time.monotonic()
+            per_step = (self.last_line - self.started) / max(self.step - self.first, 1)
+            left = duration(per_step * max(total - self.step, 0))
+            print(f"step {self.step:,}/{total:,} | loss {loss:.3f} | lr {lr:.2e} | {tokens_per_s:,.0f} tokens/s | "
+                  f"{left} left", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -9,6 +9,7 @@ a run is *running* while that process lives, *finished* when its last record say
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,10 @@ def row(run_dir: Path, folder: Path) -> list[str]:
 
 COLUMNS = ("run", "preset", "parameters", "steps", "tokens seen", "best val loss", "bits per byte",
            "wall time", "status")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
 
 
 def main(args) -> int:

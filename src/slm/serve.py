@@ -30,6 +30,7 @@ at once; later requests wait in order.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -38,7 +39,6 @@ import json
 import logging
 import queue
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -62,6 +62,7 @@ except ImportError as err:
 
 from slm import chat
 from slm.checkpoint import checkpoint_dir, load_model
+from slm.config import add_checkpoint_choice, add_placement
 from slm.device import pick_device, pick_dtype
 from slm.constraints import Words, word_first_ids
 from slm.generate import MAX_NEW_TOKENS, SamplingSettings, TextDelta, make_generator, stream
@@ -263,7 +264,7 @@ class Server:
         except SlmError as err:
             raise ApiError(400, str(err), "messages") from None
         fitted = chat.fit_for_answer(messages, self.model.config.block_size, self.max_new_tokens(body))
-        return [chat.prompt_ids(fitted)]
+        return [chat.conversation_ids(fitted)]
 
     def max_new_tokens(self, body: Sampling) -> int:
         asked = (isinstance(body, ChatRequest) and body.max_completion_tokens) or body.max_tokens
@@ -456,38 +457,20 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
     return app
 
 
-class _ThreadServer(uvicorn.Server):
-    """uvicorn's server with an event set once it has started, or failed to."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.ready = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().startup(sockets)
-        finally:
-            self.ready.set()
-
-
-@contextlib.contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve app from a thread of this process on a free port and yield its URL once it is up; for tests,
-    benchmarks and notebooks. The socket is bound here, so the port is known before uvicorn starts."""
-    sock = socket.create_server((host, 0))
-    server = _ThreadServer(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    with contextlib.closing(sock):
-        thread.start()
-        server.ready.wait()
-        if not server.started:
-            thread.join()
-            raise RuntimeError("the server failed to start; see its log above")
-        try:
-            yield f"http://{host}:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
-            thread.join()
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_checkpoint_choice(p)
+    add_placement(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every network "
+                   "(default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
+    p.add_argument("--max-tokens", type=int, default=512, help="the most tokens a request may generate per choice, "
+                   "and what it gets without max_tokens: a cap, so above generate's and chat's --max-new-tokens "
+                   "(default: 512)")
+    p.add_argument("--max-batch", type=int, default=16, help="the most rows decoded at once; n choices take "
+                   "n rows, and later requests wait (default: 16)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000,
+                   help="the largest request body accepted (default: 1000000)")
 
 
 def main(args) -> int:

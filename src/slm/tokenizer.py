@@ -76,6 +76,29 @@ class StreamDecoder:
         return self.decoder.decode(b"", final=True)
 
 
+class StopText:
+    """One row's text as it arrives in pieces. A tail that could be the start of a stop string is held back
+    until it cannot be, so no part of a stop string is ever shown, even one split across tokens."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop, self.text, self.shown = stop, "", 0
+
+    def add(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        """(the text now safe to show, whether a stop string was reached); `final` releases what is held."""
+        self.text += piece
+        # No stop string starts before `shown`: its beginning would have been held back.
+        hits = [i for s in self.stop if (i := self.text.find(s, self.shown)) >= 0]
+        if hits:
+            end = min(hits)
+        elif final:
+            end = len(self.text)
+        else:  # hold back the longest tail that begins a stop string
+            end = len(self.text) - max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])),
+                                       default=0)
+        shown, self.shown = self.text[self.shown:end], end
+        return shown, bool(hits)
+
+
 @functools.cache
 def get_tokenizer() -> Tokenizer:
     vocab_bpe, encoder_json = vocab_files()

@@ -9,16 +9,15 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import shlex
 import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,15 @@ import torch
 from tqdm import tqdm
 
 from slm import checkpoint, data, distributed, runfiles
-from slm.config import Config, TrainConfig, check_resume_changes, flags_from_args, resolve
-from slm.device import autocast, keep_freed_memory, pick_dtype, should_compile
+from slm.config import (Config, TrainConfig, add_config_flags, add_config_source, add_run_out, check_resume_changes,
+                        flags_from_args, resolve)
+from slm.data import Batch
+from slm.device import autocast, compile_model, keep_freed_memory, pick_dtype, should_compile
 from slm.distributed import World
 from slm.errors import SlmError
+from slm.launch import StopOnSignal, launch
 from slm.model import GPT, IGNORE_INDEX
 from slm.prepare import read_meta
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (B, T)
 
 
 @dataclass
@@ -117,15 +117,27 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
                              fused=device.type == "cuda")
 
 
+def dropout_seeds(seed: int, step: int, world: World, micro_batches: int) -> list[int]:
+    """The dropout seed of each of this process's micro-batches: a function of (seed, step, the micro-batch's
+    place in the global batch). So every process draws masks of its own, and a run draws the same masks
+    whatever its number of processes and across a resume."""
+    first = world.rank * micro_batches  # the processes hold consecutive slices of the global batch
+    return [int(np.random.SeedSequence([seed, step, first + i]).generate_state(1)[0]) for i in range(micro_batches)]
+
+
 def accumulate(model: torch.nn.Module, micro_batches: list[Batch], device: torch.device,
-               dtype: torch.dtype, scaler: torch.amp.GradScaler, world: World = World()) -> float:
+               dtype: torch.dtype, scaler: torch.amp.GradScaler, world: World = World(),
+               mask_seeds: list[int] | None = None) -> float:
     """Forward and backward over this process's micro-batches; the gradients equal those of one batch holding
     every process's micro-batches. Each micro-batch's mean loss is weighted by its share of the step's counted
     targets over all processes (times world_size, as DDP averages the processes' gradients); DDP synchronises
-    only on the last micro-batch. Returns the step's mean loss over all processes."""
+    only on the last micro-batch. `mask_seeds` seeds dropout before each micro-batch. Returns the step's mean
+    loss over all processes."""
     counted = distributed.total([sum(float((y != IGNORE_INDEX).sum()) for _, y in micro_batches)], world, device)[0]
     local = 0.0
     for i, (x, y) in enumerate(micro_batches):
+        if mask_seeds is not None:
+            torch.manual_seed(mask_seeds[i])
         with distributed.gradient_sync(model, world, i == len(micro_batches) - 1), autocast(device, dtype):
             _, loss = model(x, y)
             share = float((y != IGNORE_INDEX).sum()) / max(counted, 1.0)
@@ -148,81 +160,20 @@ def step_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     return norm
 
 
-class StopOnSignal:
-    """Ctrl-C or SIGTERM asks the loop to save a checkpoint and stop after the current step; a second
-    Ctrl-C stops at once."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        print(f"\nslm: {signal.Signals(signum).name} received: saving a checkpoint after this step "
-              "(press Ctrl-C again to quit at once)", file=sys.stderr)
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.device, dtype: torch.dtype,
-                  world: World = World()) -> float:
-    """Mean loss over a fixed list of batches, in eval mode (no dropout); the processes share the batches."""
+                  world: World = World(), every_batch: bool = False) -> float:
+    """Mean loss over a fixed list of batches, in eval mode (no dropout). The processes share the batches out,
+    unless `every_batch` (FSDP: each forward is a collective, so every process scores every batch)."""
     was_training = model.training
     model.eval()
     losses = []
-    # Under FSDP every forward is a collective, so each process scores every batch; else they share them.
-    for x, y in batches if distributed.is_sharded(model) else batches[world.rank::world.world_size]:
+    for x, y in batches if every_batch else batches[world.rank::world.world_size]:
         with autocast(device, dtype):
             losses.append(model(x, y)[1].item())
     model.train(was_training)
     loss_sum, count = distributed.total([sum(losses), len(losses)], world, device)
     return loss_sum / count
-
-
-class PretrainBatches:
-    """Random windows of the training memmap; step s always gets the same global batch."""
-
-    def __init__(self, data_dir: str, cfg: Config, device: torch.device, world: World = World()) -> None:
-        self.tokens = data.open_split(data_dir, "train")
-        data.check_fits(self.tokens, cfg.model.block_size, "train")
-        self.cfg, self.device, self.world = cfg, device, world
-        self.conditioned = (data.ConditionedRows(self.tokens, cfg.model.block_size, cfg.train.seed,
-                                                 cfg.train.instruct_share) if cfg.train.instruct_share else None)
-
-    def __call__(self, step: int) -> list[Batch]:
-        """This process's micro-batches: its contiguous slice of the global batch, which depends only on
-        (seed, step), so the run is the same whatever the number of processes."""
-        t = self.cfg.train
-        starts = data.window_starts(t.seed, step, t.batch_size, len(self.tokens), self.cfg.model.block_size)
-        per_process = t.batch_size // self.world.world_size
-        mine = starts[self.world.rank * per_process:(self.world.rank + 1) * per_process]
-        first = self.world.rank * per_process
-        if self.conditioned is not None:
-            return [self.conditioned.batch(mine[i:i + t.micro_batch_size], step,
-                                           list(range(first + i, first + i + t.micro_batch_size)), self.device)
-                    for i in range(0, per_process, t.micro_batch_size)]
-        return [data.get_batch(self.tokens, mine[i:i + t.micro_batch_size], self.cfg.model.block_size, self.device)
-                for i in range(0, per_process, t.micro_batch_size)]
-
-
-def validation_batches(data_dir: str, cfg: Config, device: torch.device) -> list[Batch]:
-    tokens = data.open_split(data_dir, "validation")
-    data.check_fits(tokens, cfg.model.block_size, "validation")
-    t = cfg.train
-    starts = data.validation_starts(t.seed, t.eval_batches * t.micro_batch_size, len(tokens), cfg.model.block_size)
-    return [data.get_batch(tokens, starts[i:i + t.micro_batch_size], cfg.model.block_size, device)
-            for i in range(0, len(starts), t.micro_batch_size)]
 
 
 def check_data_matches(meta: dict, cfg: Config, tokenizer_identity: dict) -> None:
@@ -235,6 +186,54 @@ def check_data_matches(meta: dict, cfg: Config, tokenizer_identity: dict) -> Non
                        f"{cfg.model.vocab_size}; raise --vocab-size to at least that")
 
 
+@dataclass
+class Trainer:
+    """The modules and optimizer a run steps. `model` is the module that saves: the plain GPT whose weights
+    the checkpoints hold and the samples come from (FSDP shards it in place). `trained` is the module that
+    trains: `model` compiled, then wrapped by DDP. `evaluated` scores validation: compiled but never
+    DDP-wrapped, as DDP's buffer broadcast before a forward is a collective, and the processes share the
+    validation batches out, so some may have none."""
+
+    model: GPT
+    trained: torch.nn.Module
+    evaluated: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+    @property
+    def sharded(self) -> bool:
+        return distributed.is_sharded(self.model)
+
+
+def build_trainer(model: GPT, t: TrainConfig, world: World, device: torch.device, dtype: torch.dtype) -> Trainer:
+    """FSDP shards `model` in place first, so that compile traces the sharded module and the optimizer holds
+    the sharded parameters; DDP wraps the compiled module."""
+    if t.fsdp and distributed.initialized():  # under torchrun, even with one process
+        distributed.shard(model)
+    evaluated = compile_model(model) if should_compile(t.compile, device) else model
+    trained = distributed.replicate(evaluated, device) if world.distributed and not t.fsdp else evaluated
+    return Trainer(model, trained, evaluated, build_optimizer(model, t, device),
+                   torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
+def build_model(cfg: Config, device: torch.device, init_model: GPT | None, resume_from: Path | None,
+                say: Callable[[str], None]) -> GPT:
+    """A new GPT (a compact head counts the training tokens), the fine-tune's `init_model`, or either with
+    the weights of the checkpoint it resumes from."""
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    model = (init_model or GPT(cfg.model)).to(device).train()
+    if cfg.model.vocab_head and init_model is None and resume_from is None:
+        counts = data.token_counts(data.open_split(cfg.train.data, "train"), cfg.model.vocab_size)
+        model.lm_head.set_frequencies(torch.from_numpy(counts).to(device))
+        say(f"compact head: the {cfg.model.vocab_head:,} most frequent ids cover "
+            f"{counts[model.lm_head.head_ids.cpu().numpy()].sum() / counts.sum():.2%} of the training tokens")
+    if resume_from is not None:
+        checkpoint.load_weights(model, resume_from)
+    return model
+
+
 def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | None = None,
           val_batches: list[Batch] | None = None, init_model: GPT | None = None,
           resume_from: Path | None = None) -> TrainState:
@@ -242,22 +241,24 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     windows of cfg.train.data); fine-tuning passes its own batches and a pretrained `init_model`;
     `resume_from` is a checkpoint folder whose model, optimizer and trainer state the run continues from."""
     from slm.generate import sample_text
-    from slm.runlog import RunLog
+    from slm.runlog import Progress, RunLog
     from slm.runs import duration
     from slm.tokenizer import get_tokenizer
 
+    # ---- setup: placement, data, model, wrapping, optimizer, resume ----
     t = cfg.train
-    world, device = distributed.setup(t.device)
+    world, device = distributed.setup(t.device, t.collective_timeout)
     if t.batch_size % (t.micro_batch_size * world.world_size):
         raise SlmError(f"--batch-size ({t.batch_size}) must be a multiple of --micro-batch-size "
                        f"({t.micro_batch_size}) x {world.world_size} processes")
+    accum = t.batch_size // (t.micro_batch_size * world.world_size)
     dtype = pick_dtype(t.dtype, device)
     tokenizer = get_tokenizer()
     meta = read_meta(t.data) if t.data else None
     if meta is not None:
         check_data_matches(meta, cfg, tokenizer.identity())
-    batches = batches or PretrainBatches(t.data, cfg, device, world)
-    val_batches = val_batches if val_batches is not None else validation_batches(t.data, cfg, device)
+    batches = batches or data.PretrainBatches(t.data, cfg, device, world)
+    val_batches = val_batches if val_batches is not None else data.validation_batches(t.data, cfg, device)
     bytes_per_token = (meta["splits"]["validation"]["bytes"] / max(meta["splits"]["validation"]["tokens"], 1)
                        if meta else None)
 
@@ -269,27 +270,13 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
             tqdm.write(message, file=sys.stderr)
 
     keep_freed_memory()
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    raw_model = (init_model or GPT(cfg.model)).to(device).train()
-    if cfg.model.vocab_head and init_model is None and resume_from is None:
-        counts = data.token_counts(data.open_split(t.data, "train"), cfg.model.vocab_size)
-        raw_model.lm_head.set_frequencies(torch.from_numpy(counts).to(device))
-        say(f"compact head: the {cfg.model.vocab_head:,} most frequent ids cover "
-            f"{counts[raw_model.lm_head.head_ids.cpu().numpy()].sum() / counts.sum():.2%} of the training tokens")
-    saved = checkpoint.load_trainer_state(resume_from) if resume_from is not None else None
-    if resume_from is not None:
-        checkpoint.load_weights(raw_model, resume_from)
-    # FSDP shards the model in place (raw_model included), so the optimizer is built after wrapping.
-    compiled = torch.compile(raw_model) if should_compile(t.compile, device) else raw_model
-    model = distributed.wrap(compiled, world, device, t.fsdp)
-    optimizer = build_optimizer(raw_model, t, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    model = build_model(cfg, device, init_model, resume_from, say)
+    trainer = build_trainer(model, t, world, device, dtype)
     state = TrainState()
-    if saved is not None:
-        distributed.load_optimizer_state(raw_model, optimizer, saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
+    if resume_from is not None:
+        saved = checkpoint.load_trainer_state(resume_from)
+        distributed.load_optimizer_state(model, trainer.optimizer, saved["optimizer"])
+        trainer.scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved["state"])  # last: it restores the RNG states too
         if world.is_main:
             runfiles.rewind_metrics(run_dir / "metrics.jsonl", state.step)
@@ -297,31 +284,29 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
 
     tokens_per_step = t.batch_size * cfg.model.block_size
     steps = total_steps(t, tokens_per_step)
-    say(f"GPT: {raw_model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
+    say(f"GPT: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
         f"{cfg.model.n_embd} wide, context {cfg.model.block_size} | device {device}, {str(dtype).split('.')[-1]}"
         + (f" | {world.world_size} processes" if world.distributed else ""))
-    accum = t.batch_size // (t.micro_batch_size * world.world_size)
     say(f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
         f"step = {world.world_size} process(es) x {accum} micro-batches of {t.micro_batch_size} | up to "
         f"{steps:,} steps" + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
+    log = RunLog(run_dir, cfg, model.num_parameters(), state.step, enabled=world.is_main)
+    progress = Progress(expected_steps(state, t, steps), state.step, enabled=world.is_main)
 
-    log = RunLog(run_dir, cfg, raw_model.num_parameters(), state.step, enabled=world.is_main)
-    progress = tqdm(total=expected_steps(state, t, steps), initial=state.step, desc="train", unit="step",
-                    file=sys.stderr, dynamic_ncols=True, disable=not world.is_main)
-
+    # ---- what an evaluation does ----
     def save(improved: bool) -> None:
-        weights, optimizer_state = distributed.full_states(raw_model, optimizer)  # every process takes part
+        weights, optimizer_state = distributed.full_states(model, trainer.optimizer)  # every process takes part
         if world.is_main:
-            trainer_state = {"state": state.state_dict(), "optimizer": optimizer_state, "scaler": scaler.state_dict()}
+            trainer_state = {"state": state.state_dict(), "optimizer": optimizer_state,
+                             "scaler": trainer.scaler.state_dict()}
             if improved:
-                checkpoint.save(run_dir, "best", raw_model, cfg, tokenizer.identity(), step=state.step,
-                                weights=weights)
-            checkpoint.save(run_dir, "last", raw_model, cfg, tokenizer.identity(), trainer_state, state.step,
+                checkpoint.save(run_dir, "best", model, cfg, tokenizer.identity(), step=state.step, weights=weights)
+            checkpoint.save(run_dir, "last", model, cfg, tokenizer.identity(), trainer_state, state.step,
                             t.keep_checkpoints, weights)
         distributed.barrier(world)
 
     def evaluate_and_save() -> None:
-        val_loss = estimate_loss(model, val_batches, device, dtype, world)
+        val_loss = estimate_loss(trainer.evaluated, val_batches, device, dtype, world, every_batch=trainer.sharded)
         record: dict[str, Any] = {"step": state.step, "val_loss": val_loss, "tokens_seen": state.tokens_seen}
         if bytes_per_token:
             record["val_bpb"] = bits_per_byte(val_loss)
@@ -330,26 +315,28 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         say(f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
         sample = ""
         # Under FSDP every forward is a collective: all processes sample (the same seed, the same text).
-        if t.sample_tokens and (world.is_main or distributed.is_sharded(raw_model)):
-            raw_model.eval()
-            sample = sample_text(raw_model, tokenizer, "", t.sample_tokens, seed=t.seed).strip()
+        if t.sample_tokens and (world.is_main or trainer.sharded):
+            model.eval()
+            sample = sample_text(model, tokenizer, "", t.sample_tokens, seed=t.seed).strip()
             say("  " + sample.replace("\n", " "))
-            raw_model.train()
+            model.train()
         log.evaluation(record, sample)  # before the checkpoint: a resume from it must not lose this record
         save(improved)
 
     def finished() -> bool:
         return state.step >= steps or bool(t.max_minutes) and state.train_seconds >= t.max_minutes * 60
 
+    # ---- the loop ----
     clock_start = time.perf_counter() - state.wall_seconds
-    with StopOnSignal() as stop, progress, closing(log):
+    with StopOnSignal() as stop, progress, closing(log), collective_timeout_is_an_error(run_dir, t):
         while not finished() and stop.received is None:
             started = time.perf_counter()
             lr = learning_rate(state.step, decay_progress(state, t, steps), t)
-            for group in optimizer.param_groups:
+            for group in trainer.optimizer.param_groups:
                 group["lr"] = lr
-            loss = accumulate(model, batches(state.step), device, dtype, scaler, world)
-            grad_norm = step_optimizer(raw_model, optimizer, scaler, t.grad_clip)
+            loss = accumulate(trainer.trained, batches(state.step), device, dtype, trainer.scaler, world,
+                              dropout_seeds(t.seed, state.step, world, accum))
+            grad_norm = step_optimizer(model, trainer.optimizer, trainer.scaler, t.grad_clip)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
@@ -366,18 +353,17 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
                 record["skipped"] = True
                 state.skipped_steps += 1
                 # Under fp16 an overflowing gradient with a finite loss is the grad scaler's normal business.
-                if not (scaler.is_enabled() and math.isfinite(loss)):
+                if not (trainer.scaler.is_enabled() and math.isfinite(loss)):
                     state.bad_steps_in_row += 1
             else:
                 state.bad_steps_in_row = 0
             log.write(record)
-            progress.total = expected_steps(state, t, steps)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}")
+            progress.update(expected_steps(state, t, steps), loss=loss, lr=lr, tokens_per_s=tokens_per_step / seconds)
             if state.bad_steps_in_row >= t.max_bad_steps:
                 raise SlmError(f"{state.bad_steps_in_row} steps in a row (up to step {state.step}) had a non-finite "
                                f"loss or gradient and were skipped; stopping. The last good checkpoint is in "
                                f"{run_dir / 'last'}: lower --learning-rate or check the data, then --resume")
+            distributed.hang_if_testing(world, state.step)
             if world.distributed and distributed.total([float(stop.received or 0)], world, device)[0]:
                 stop.received = stop.received or signal.SIGTERM  # every process stops at the same step
             if state.step % t.eval_interval == 0 or finished():
@@ -401,6 +387,19 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     return state
 
 
+@contextmanager
+def collective_timeout_is_an_error(run_dir: Path, t: TrainConfig) -> Iterator[None]:
+    """A collective that timed out means another process stopped or hung: one line, and where to resume."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not distributed.is_collective_timeout(err):
+            raise
+        raise SlmError(f"a collective waited more than --collective-timeout {t.collective_timeout:g} s for another "
+                       f"process, which stopped or hung; the last good checkpoint is in {run_dir / 'last'} "
+                       f"(resume with --resume)") from None
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN or Infinity
 
@@ -410,7 +409,7 @@ def start(cfg: Config, run_dir: Path, force: bool = False) -> TrainState:
     if not cfg.train.data:
         raise SlmError("no training data: pass --data DIR (a folder made by `slm prepare`)")
     read_meta(cfg.train.data)
-    world, _ = distributed.setup(cfg.train.device)
+    world, _ = distributed.setup(cfg.train.device, cfg.train.collective_timeout)
     if world.is_main:
         checkpoint.prepare_run_dir(run_dir, force)
         runfiles.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
@@ -429,7 +428,7 @@ def resume(run_dir: Path, preset: str | None = None, toml_path: str | None = Non
     saved, _ = checkpoint.read_header(folder)
     cfg = resolve(preset, toml_path, flags, base=saved)
     check_resume_changes(saved, cfg)
-    world, _ = distributed.setup(cfg.train.device)
+    world, _ = distributed.setup(cfg.train.device, cfg.train.collective_timeout)
     if world.is_main:
         runfiles.write_text_atomic(run_dir / "config.toml", cfg.to_toml())
         _print_config(cfg)
@@ -442,16 +441,10 @@ def _print_config(cfg: Config) -> None:
         print(f"{section}: " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr)
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """`slm train --nproc N ...`: the same command under torchrun on this machine, nothing more."""
-    if nproc < 1:
-        raise SlmError(f"--nproc must be at least 1 (got {nproc})")
-    rest = [arg for i, arg in enumerate(argv) if arg != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
-            and not arg.startswith("--nproc=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "slm", *rest]
-    print("slm: running " + " ".join(shlex.quote(arg) for arg in command), file=sys.stderr)
-    return subprocess.run(command).returncode
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_out(p, "train")
+    add_config_source(p)
+    add_config_flags(p)
 
 
 def main(args) -> int:
