@@ -2,6 +2,7 @@
 `slm train` subprocess), the shared sample, and the one rule for skipping what CI must run."""
 
 import hashlib
+import random
 import json
 import os
 import shutil
@@ -167,3 +168,14 @@ def compact():
     counts = torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5))
     counts[[7, 42]] = 0  # never seen in training
     return compact_model(counts), counts
+
+
+def write_conversations(path, n, seed):
+    """Questions whose answer follows from the question alone, in the words of conftest's tiny stories."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            name, thing = rng.choice(["Tom", "Lily", "Sam", "Mia"]), rng.choice(["ball", "cat", "tree", "cake"])
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {name} and the {thing}."},
+                                             {"role": "assistant", "content": f"{name} had a {thing}."}]}) + "\n")
+    return path

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import losses, train
+from conftest import losses, train, write_conversations
 
 
 @pytest.mark.slow
@@ -130,6 +130,16 @@ def test_sigterm_to_the_launcher_stops_every_process_and_resume_continues_the_sa
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_a_launcher_killed_outright_still_stops_every_process(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    launcher, processes = start_launcher(tiny_data, run, "--max-steps", "100000")  # it would not end by itself
+    launcher.kill()  # SIGKILL: no handler runs; torchrun gets SIGTERM as its parent dies, and stops its workers
+    wait_all_gone(launcher, processes, 30)
+    assert json.loads((run / "last" / "manifest.json").read_text())["step"] >= 7  # saved where they stopped
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_run_hung_in_a_collective_ends_within_the_collective_timeout_and_keeps_its_checkpoint(tmp_path, tiny_data):
     from slm.checkpoint import verify
 
@@ -184,3 +194,20 @@ def test_a_compiled_sharded_fsdp_run_matches_one_process_and_its_checkpoint_load
     ids = torch.tensor([[50256, 464, 3797]])
     torch.testing.assert_close(model(ids)[0], reference(ids)[0], atol=1e-4, rtol=1e-4)
     assert generate(model, ids, 10, temperature=0).shape == (1, 13)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_finetune_on_two_processes_trains_the_same_run_as_one(tmp_path, tiny_run):
+    data = write_conversations(tmp_path / "chat.jsonl", 64, seed=0)
+    runs = {}
+    for nproc in ("1", "2"):  # each process takes its own slice of every global batch, as in pretraining
+        runs[nproc] = tmp_path / nproc
+        args = ["finetune", str(tiny_run), "--data", str(data), "--out", str(runs[nproc]), "--max-steps", "6",
+                "--eval-interval", "3", "--batch-size", "8", "--micro-batch-size", "2", "--device", "cpu",
+                "--dtype", "float32", "--sample-tokens", "0", "--nproc", nproc]
+        result = subprocess.run([sys.executable, "-m", "slm", *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 processes" in result.stderr
+    assert losses(runs["2"], "loss") == pytest.approx(losses(runs["1"], "loss"), rel=1e-5)
+    assert losses(runs["2"], "val_loss") == pytest.approx(losses(runs["1"], "val_loss"), rel=1e-5)

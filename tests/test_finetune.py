@@ -1,10 +1,10 @@
 import json
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import write_conversations
 from slm import runfiles
 from slm.chat import read_conversations, render
 from slm.checkpoint import checkpoint_dir, load_model, read_header
@@ -15,17 +15,6 @@ from slm.finetune import finetune, finetune_config
 
 FAST = {"max_steps": 16, "eval_interval": 8, "eval_batches": 2, "learning_rate": 3e-3, "warmup_steps": 2,
         "device": "cpu", "sample_tokens": 0}
-
-
-def write_conversations(path, n, seed):
-    """Questions whose answer follows from the question alone, in the words of conftest's tiny stories."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            name, thing = rng.choice(["Tom", "Lily", "Sam", "Mia"]), rng.choice(["ball", "cat", "tree", "cake"])
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {name} and the {thing}."},
-                                             {"role": "assistant", "content": f"{name} had a {thing}."}]}) + "\n")
-    return path
 
 
 def assistant_loss(model, conversations):

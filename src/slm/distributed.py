@@ -62,13 +62,14 @@ def setup(device_name: str, collective_timeout: float = 600.0) -> tuple[World, t
     return world, device
 
 
-def die_with_parent() -> None:
-    """torchrun starts each worker in a session of its own, so a torchrun that is killed outright (SIGKILL,
-    or a second Ctrl-C) would leave its workers running with the GPUs they hold. Linux's parent-death
-    signal ends them with it."""
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Ask Linux to send this process `signum` when its parent dies. torchrun starts each worker in a session
+    of its own, so a torchrun killed outright (SIGKILL, or a second Ctrl-C) would otherwise leave its workers
+    running with the GPUs they hold; the launcher asks the same of torchrun, with SIGTERM, so that torchrun
+    stops its workers when `slm` itself is killed."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1  # from linux/prctl.h
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum)
 
 
 def initialized() -> bool:

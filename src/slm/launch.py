@@ -17,6 +17,7 @@ import threading
 from types import FrameType
 from typing import Any
 
+from slm.distributed import die_with_parent
 from slm.errors import SlmError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -57,14 +58,16 @@ def launch(nproc: int, argv: list[str]) -> int:
     """`slm train|finetune --nproc N ...`: the same command under torchrun on this machine. torchrun runs in
     a session of its own, so a terminal's Ctrl-C reaches it once, through this process: the first stop
     signal is forwarded (torchrun passes it to every worker, which saves and exits), a second one kills
-    torchrun, and its workers die with it (distributed.die_with_parent). Returns torchrun's exit status, or
+    torchrun, and its workers die with it (distributed.die_with_parent). If this process is killed outright,
+    torchrun gets SIGTERM and stops its workers as after a first signal. Returns torchrun's exit status, or
     128 + the signal when a signal stopped the run."""
     if nproc < 1:
         raise SlmError(f"--nproc must be at least 1 (got {nproc})")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "slm", *without_nproc(argv)]
     print("slm: running " + " ".join(shlex.quote(arg) for arg in command), file=sys.stderr)
-    torchrun = subprocess.Popen(command, start_new_session=True)
+    torchrun = subprocess.Popen(command, start_new_session=True,
+                                preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     received: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
