@@ -160,6 +160,18 @@ def test_sft_batches_are_a_function_of_seed_and_step():
     assert sum(x.size(0) for x, _ in first) == cfg.train.batch_size
 
 
+def test_each_process_takes_its_own_slice_of_the_sft_global_batch():
+    from slm.distributed import World
+
+    cfg = resolve("tiny", flags={"train": {"batch_size": 8, "micro_batch_size": 2}})
+    data = pack(CONVERSATIONS * 5, cfg.model.block_size)
+    whole = SftBatches(data, cfg, torch.device("cpu"))(3)
+    halves = [SftBatches(data, cfg, torch.device("cpu"), World(rank, rank, 2))(3) for rank in (0, 1)]
+    assert [len(half) for half in halves] == [2, 2]  # 8 rows = 2 processes x 2 micro-batches of 2
+    for (x, y), (wx, wy) in zip(halves[0] + halves[1], whole):
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+
+
 def test_fit_context_drops_the_oldest_turns_but_keeps_the_system_message():
     system = {"role": "system", "content": "Be brief."}
     turns = [{"role": role, "content": f"{role} message number {i}"}
