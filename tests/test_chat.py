@@ -5,9 +5,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slm.chat import (CHAT_TEMPLATE_JINJA, MARKERS, ChatSession, SftBatches, answer_lines, chat_loop, fit_context,
-                      masked_windows, pack, conversation_ids, read_conversations, render, render_text)
+                      masked_windows, pack, conversation_ids, read_conversations, render, render_text,
+                      rendered_length)
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
 from slm.config import ModelConfig, resolve
@@ -183,6 +186,45 @@ def test_fit_context_drops_the_oldest_turns_but_keeps_the_system_message():
     assert len(conversation_ids(fitted)) <= 60 < len(conversation_ids(one_more_turn))
     assert fit_context(messages, max_tokens=1) == [system, messages[-1]]  # the newest message is always kept
     assert fit_context(messages, max_tokens=10_000) == messages
+
+
+def slow_fit_context(messages, max_tokens):
+    """fit_context's obvious twin: the whole conversation rendered again for every turn it drops."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    while len(rest) > 1 and len(conversation_ids(system + rest)) > max_tokens:
+        rest = rest[1:]
+        while len(rest) > 1 and rest[0]["role"] != "user":
+            rest = rest[1:]
+    return system + rest
+
+
+# Contents with what moves GPT-2's token boundaries: empty and blank messages, runs of spaces and newlines,
+# a "<" or "|" next to the markers, contractions, other scripts.
+CONTENT = st.lists(st.sampled_from(["", " ", "  ", "\n", "\n\n", "\t", "<", "|", ">", "<|user|>", "'s", "a", "Tom",
+                                    "9", ".", "é", "🙂", "<|endoftext|>"]), max_size=8).map("".join)
+MESSAGES = st.tuples(st.booleans(), CONTENT, st.lists(st.tuples(st.sampled_from(["user", "assistant"]), CONTENT),
+                                                      min_size=1, max_size=8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(MESSAGES, st.integers(0, 80))
+def test_fit_context_counts_what_rendering_gives_and_keeps_what_its_slow_twin_keeps(conversation, limit):
+    with_system, system, turns = conversation
+    messages = [{"role": "system", "content": system}] * with_system + [{"role": r, "content": c} for r, c in turns]
+    generation_prompt = len(get_tokenizer().encode(MARKERS["assistant"]))
+    assert sum(map(rendered_length, messages)) + generation_prompt == len(conversation_ids(messages))
+    assert fit_context(messages, limit) == slow_fit_context(messages, limit)
+
+
+def test_fit_context_tokenizes_each_message_once(monkeypatch):
+    tokenizer = get_tokenizer()
+    encode, encoded = type(tokenizer).encode, []
+    monkeypatch.setattr(type(tokenizer), "encode", lambda self, text: encoded.append(len(text)) or encode(self, text))
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"message number {i}"} for i in range(400)]
+    fitted = fit_context(turns, max_tokens=100)
+    assert len(fitted) < 20
+    assert sum(encoded) < 2 * len(render_text(turns))  # each message once, plus a marker (re-rendering: ~200x)
 
 
 def eot_model():

@@ -2,9 +2,11 @@
 
 import asyncio
 import importlib.util
+import itertools
 import json
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,7 +19,7 @@ from conftest import skip_unless_ci  # noqa: E402
 from slm import chat  # noqa: E402
 from slm.checkpoint import checkpoint_dir, load_model  # noqa: E402
 from slm.cli import main  # noqa: E402
-from slm.generate import SamplingSettings, complete  # noqa: E402
+from slm.generate import SamplingSettings, TextDelta, complete  # noqa: E402
 from slm.serve import Job, Worker, create_app  # noqa: E402
 from slm.serve_thread import serve_in_thread  # noqa: E402
 from slm.tokenizer import get_tokenizer  # noqa: E402
@@ -27,7 +29,8 @@ HELLO = [{"role": "user", "content": "Tell me about Tom."}]
 
 @pytest.fixture(scope="module")
 def url(tiny_run):
-    with serve_in_thread(create_app(tiny_run, device="cpu", max_tokens=4000, max_body_bytes=10_000)) as base:
+    with serve_in_thread(create_app(tiny_run, device="cpu", max_tokens=4000, max_body_bytes=10_000,
+                                    max_messages=50)) as base:
         yield base
 
 
@@ -178,12 +181,13 @@ def test_requests_waiting_when_a_batch_starts_share_it_but_a_seeded_one_runs_alo
         return "".join([delta.text async for delta in worker.results(job)])
 
     async def run():
-        loop = asyncio.get_running_loop()
-        jobs = [Job([ids], settings, None, loop) for ids in prompts] + [Job(prompts[:1] * 2, settings, 5, loop)]
-        tasks = [asyncio.create_task(text(job)) for job in jobs]
-        await asyncio.sleep(0)  # one turn of the loop: every task puts its job in the worker's inbox
+        loop, deadline = asyncio.get_running_loop(), time.monotonic() + 600
+        jobs = [Job([ids], settings, None, loop, deadline) for ids in prompts] + \
+            [Job(prompts[:1] * 2, settings, 5, loop, deadline)]
+        for job in jobs:  # all in the inbox before the worker looks
+            worker.submit(job)
         worker.start()
-        return await asyncio.gather(*tasks)
+        return await asyncio.gather(*map(text, jobs))
 
     try:
         texts = asyncio.run(run())
@@ -272,15 +276,166 @@ def test_settings_a_request_leaves_out_come_from_the_runs_sampling_json(tiny_run
     assert main(["serve", str(run)]) == 2  # a bad file is a one-line error, not a traceback
 
 
-def test_serve_refuses_bad_limits_in_one_line(tiny_run, capsys):
-    assert main(["serve", str(tiny_run), "--max-batch", "0"]) == 2
-    assert capsys.readouterr().err.startswith("slm: error: --max-batch must be at least 1")
+@pytest.mark.parametrize("flags, error", [(["--max-batch", "0"], "--max-batch must be at least 1"),
+                                          (["--max-waiting", "-1"], "--max-waiting must be at least 0"),
+                                          (["--max-messages", "0"], "--max-messages must be at least 1"),
+                                          (["--request-timeout", "0"], "--request-timeout must be more than 0")])
+def test_serve_refuses_bad_limits_in_one_line(tiny_run, capsys, flags, error):
+    assert main(["serve", str(tiny_run), *flags]) == 2
+    assert capsys.readouterr().err.startswith(f"slm: error: {error}")
 
 
 def test_serve_shows_examples_in_its_help(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+# ---- limits that hold ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def endless(monkeypatch):
+    """The engine swapped for one that never finishes a row (an "a" per step): a request then ends only by its
+    client leaving or its time limit. The event is set once the worker has dropped the batch."""
+    import slm.serve
+
+    dropped = threading.Event()
+
+    def engine(model, tokenizer, prompts, settings, generator, words):
+        try:
+            for step in itertools.count(1):
+                time.sleep(0.01)  # a model's step takes time; this keeps the fake from flooding the queues
+                yield from (TextDelta(row, "a", step) for row in range(len(prompts)))
+        finally:
+            dropped.set()
+
+    monkeypatch.setattr(slm.serve, "stream", engine)
+    return dropped
+
+
+def post(url: str, body: dict | bytes, path: str = "/v1/completions") -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def test_at_most_four_stop_strings_of_at_most_256_characters(url, tiny_run):
+    ask = {"model": tiny_run.name, "prompt": "Tom", "max_tokens": 4}
+    assert post(url, {**ask, "stop": ["x" * 256] * 4}).json()["choices"][0]["finish_reason"]
+    for stop, words in ((["x"] * 5, "at most 4"), ("x" * 257, "1 to 256"), ([7], "list of strings")):
+        refused = post(url, {**ask, "stop": stop})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "stop"
+        assert words in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, "7", 1.5, True])
+def test_a_seed_outside_0_to_2_to_the_64_or_not_an_integer_is_refused(url, tiny_run, seed):
+    refused = post(url, {"model": tiny_run.name, "prompt": "Tom", "max_tokens": 2, "seed": seed})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "seed"
+
+
+def test_the_largest_seed_is_taken(url, tiny_run):
+    assert post(url, {"model": tiny_run.name, "prompt": "Tom", "max_tokens": 2, "seed": 2**64 - 1}).status_code == 200
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "MODEL", "prompt": "Tom", "temperature": NaN}',  # Python's json reads NaN and Infinity
+    b'{"model": "MODEL", "prompt": "Tom", "top_p": NaN}',
+    b'{"model": "MODEL", "prompt": "Tom", "repetition_penalty": Infinity}',
+    b'{"model": "MODEL", "prompt": [1, 2, 3]}',
+    b'{"model": "MODEL", "prompt": "Tom", "n": 100000000000000000000}',
+    b'{"model": "MODEL", "prompt": "Tom", "max_tokens": 100000000000000000000}',
+    b'{"model": "MODEL", "prompt": "Tom", "stream_options": "yes"}',
+    b'{"model": "\\ud800", "prompt": "Tom"}',
+    b'{"model": "\xff\xfe"}',
+    b'[]',
+    b'[' * 5000,
+], ids=lambda body: body[:40].decode("utf-8", "replace"))
+def test_a_malformed_field_is_a_client_error_in_openais_shape(url, tiny_run, body):
+    response = post(url, body.replace(b"MODEL", tiny_run.name.encode()))
+    assert 400 <= response.status_code < 500, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_malformed_messages_are_client_errors(url, tiny_run):
+    for messages in ("hi", [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "text"}]}],
+                     [{"role": ["user"], "content": "hi"}]):
+        response = post(url, {"model": tiny_run.name, "messages": messages}, "/v1/chat/completions")
+        assert response.status_code == 400 and response.json()["error"]["message"], response.text
+
+
+def test_a_chat_over_max_messages_is_refused_and_one_at_it_is_answered(url, tiny_run):
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(50)]
+    refused = post(url, {"model": tiny_run.name, "messages": [*turns, HELLO[0]]}, "/v1/chat/completions")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+    assert "at most 50 (slm serve --max-messages)" in refused.json()["error"]["message"]
+    answered = post(url, {"model": tiny_run.name, "messages": [*turns[1:], HELLO[0]], "max_tokens": 2},
+                    "/v1/chat/completions")
+    assert answered.json()["choices"][0]["finish_reason"]
+
+
+def test_a_full_queue_is_answered_429_with_retry_after_until_a_row_frees(tiny_run, endless):
+    body = {"model": tiny_run.name, "prompt": "Tom", "max_tokens": 100, "stream": True}
+    with serve_in_thread(create_app(tiny_run, device="cpu", max_batch=1, max_waiting=1)) as base:
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as decoding, \
+                httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as waiting:
+            assert decoding.status_code == waiting.status_code == 200
+            refused = post(base, {**body, "stream": False})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "--max-waiting" in refused.text
+        assert endless.wait(60)  # the clients have gone: the worker dropped the decoding row
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=5, timeout=60)
+        with client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=100, stream=True) as again:
+            assert next(iter(again)).choices[0].text == "a"  # admitted, retrying after Retry-After if need be
+
+
+def test_a_request_past_its_time_limit_ends_with_length_and_stops_decoding(tiny_run, endless):
+    with serve_in_thread(create_app(tiny_run, device="cpu", request_timeout=1)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=500)
+        assert reply.choices[0].finish_reason == "length" and set(reply.choices[0].text) <= {"a"}
+        assert endless.wait(60)
+        chunks = list(client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=500,
+                                                     stream=True))
+        assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+
+
+def test_decoding_stops_when_the_client_disconnects_streaming_or_not(url, tiny_run, endless):
+    body = {"model": tiny_run.name, "prompt": "Tom", "max_tokens": 4000}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes its connection
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1))
+    assert endless.wait(60)
+    endless.clear()
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as streamed:
+        next(streamed.iter_lines())
+    assert endless.wait(60)
+
+
+def test_the_api_key_may_come_from_the_environment_and_the_flag_wins(tiny_run, monkeypatch):
+    import slm.serve
+
+    apps = []
+    monkeypatch.setattr(slm.serve.uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setenv("SLM_API_KEY", "from-env")
+    assert main(["serve", str(tiny_run), "--device", "cpu"]) == 0
+    assert main(["serve", str(tiny_run), "--device", "cpu", "--api-key", "from-flag"]) == 0
+    for app, key, other in zip(apps, ("from-env", "from-flag"), ("from-flag", "from-env")):
+        with serve_in_thread(app) as base:
+            assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {other}"}).status_code == 401
+    monkeypatch.setenv("SLM_API_KEY", "")
+    assert main(["serve", str(tiny_run), "--device", "cpu"]) == 2  # set but empty: refused, not keyless
+
+
+def test_serving_beyond_this_machine_without_a_key_warns(tiny_run, monkeypatch, capsys):
+    import slm.serve
+
+    monkeypatch.setattr(slm.serve.uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.delenv("SLM_API_KEY", raising=False)
+    assert main(["serve", str(tiny_run), "--device", "cpu", "--host", "0.0.0.0"]) == 0
+    assert "slm: warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
+    for flags in (["--host", "127.0.0.1"], ["--host", "::1"], ["--host", "0.0.0.0", "--api-key", "sesame"]):
+        assert main(["serve", str(tiny_run), "--device", "cpu", *flags]) == 0
+        assert "warning" not in capsys.readouterr().err
 
 
 # ---- the web page, in a real browser --------------------------------------------------------------------------

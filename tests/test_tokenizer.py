@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slm.tokenizer import EOT_ID, StreamDecoder, get_tokenizer, vocab_files
+from slm.tokenizer import EOT_ID, StopText, StreamDecoder, get_tokenizer, vocab_files
 
 TEXTS = [
     "Once upon a time, there was a little girl named Lily.",
@@ -83,3 +83,46 @@ def test_any_text_round_trips_with_the_reference_ids(reference_gpt2, text):
     assert ids == reference_gpt2.encode_ordinary(text)
     assert all(0 <= i < 50257 for i in ids)
     assert tokenizer.decode(ids) == text
+
+
+# ---- stop strings -----------------------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("ab", max_size=4), min_size=1, max_size=10),
+       st.lists(st.text("ab", min_size=1, max_size=5), min_size=1, max_size=4))
+def test_stop_text_shows_what_the_definition_says_after_every_piece(pieces, stop):
+    """The definition, checked the slow way after every piece: the text ends before the first stop string it
+    comes to contain (of those ending at the same character, the longest); until then, all is shown but the
+    longest tail that begins a stop string, and the last piece releases that."""
+    text, shown, so_far = StopText(tuple(stop)), "", ""
+    for number, piece in enumerate(pieces, 1):
+        so_far += piece
+        final = number == len(pieces)
+        out, stopped = text.add(piece, final)
+        shown += out
+        ends = [end for end in range(1, len(so_far) + 1) if any(so_far[:end].endswith(s) for s in stop)]
+        if ends:
+            longest = max(len(s) for s in stop if so_far[:ends[0]].endswith(s))
+            assert stopped and shown == so_far[:ends[0] - longest]
+            return
+        held = 0 if final else max((n for s in stop for n in range(1, len(s)) if so_far.endswith(s[:n])), default=0)
+        assert not stopped and shown == so_far[:len(so_far) - held]
+
+
+class CountedStr(str):
+    """A stop string that counts the characters read out of it by indexing and slicing."""
+
+    read = 0
+
+    def __getitem__(self, key):
+        piece = str.__getitem__(self, key)
+        CountedStr.read += len(piece)
+        return piece
+
+
+def test_holding_back_a_long_stop_string_is_linear_in_its_length():
+    stop = CountedStr("ab" * 2000 + "c")
+    text = StopText((stop,))
+    CountedStr.read = 0
+    assert [text.add("abab") for _ in range(40)] == [("", False)] * 40  # each piece may begin the stop string
+    assert CountedStr.read < 8 * (len(stop) + 40 * 4)  # testing every prefix against the text's end: ~3 x 10^8

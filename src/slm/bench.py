@@ -266,7 +266,7 @@ def table(r: dict) -> str:
         lines.append(f"generation model: preset {r['preset']}, "
                      f"{shape(r['generate']['model'], r['generate']['parameters'])}")
     width = max(len(label) for label, _, _ in rows)
-    return "\n".join(lines + [""] + [f"  {label:<{width}} {value:>10,.{1 if unit in ('x', '%') else 0}f} {unit}"
+    return "\n".join(lines + [""] + [f"  {label:<{width}} {value:>10,.{2 if unit in ('x', '%') else 0}f} {unit}"
                                      for label, value, unit in rows])
 
 

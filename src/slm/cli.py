@@ -101,7 +101,7 @@ train flags default to the base run's settings, except: --max-steps 300 --warmup
   slm import path/to/gpt2-folder --out runs/gpt2        # a local GPT2LMHeadModel folder, e.g. from save_pretrained""",
     "serve": """examples:
   slm serve runs/assistant                              # chat page at http://127.0.0.1:8000/, API at /v1
-  slm serve runs/assistant --host 0.0.0.0 --port 8080 --api-key "$(cat key.txt)"
+  SLM_API_KEY="$(cat key.txt)" slm serve runs/assistant --host 0.0.0.0 --port 8080   # the key not in `ps`
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "assistant", "messages": [{"role": "user", "content": "Tell me a story."}]}'""",
 }

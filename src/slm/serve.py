@@ -6,9 +6,9 @@
     POST /v1/completions        continue a prompt (a string or a list of strings)
     POST /v1/chat/completions   answer a conversation, rendered with chat.py's template
 
-Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list),
-`seed`, `stream`, `stream_options.include_usage` and the extensions `repetition_penalty` and `word_bias`
-(chats); other fields are ignored. A sampling field left out comes from RUN/sampling.json, else OpenAI's.
+Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list
+of up to 4), `seed`, `stream`, `stream_options.include_usage` and the extensions `repetition_penalty` and
+`word_bias` (chats); other fields are ignored. A sampling field left out comes from RUN/sampling.json, else OpenAI's.
 `stream: true` sends server-sent events, a chunk per piece of text, ending with `data: [DONE]`. Each
 choice ends with the engine's finish reason: "stop" (end-of-text or a stop string) or "length".
 
@@ -26,6 +26,12 @@ its own request as its tokens arrive. A request arriving mid-decode does not joi
 engine's KV cache cannot add rows); it starts a new batch at once, and the worker advances all running
 batches one step each in turn, so no request waits for another to finish. At most --max-batch rows decode
 at once; later requests wait in order.
+
+Limits (serve_requests.py; flags of `slm serve`): a request asks for at most --max-batch rows and
+--max-tokens per row, a chat has at most --max-messages messages, a body at most --max-body-bytes; past
+--max-waiting rows waiting, a request is refused with 429 and Retry-After. --request-timeout after it is
+queued, a request's rows still decoding end with "length"; when its client disconnects, streaming or not,
+its rows stop decoding (a batch shared with other requests decodes on for them).
 """
 
 from __future__ import annotations
@@ -37,16 +43,18 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import queue
 import secrets
+import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Generator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from slm.errors import SlmError
 
@@ -55,7 +63,6 @@ try:
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from pydantic import BaseModel, Field
     from starlette.exceptions import HTTPException
 except ImportError as err:
     raise SlmError(f"slm serve needs FastAPI and uvicorn ({err.name} is missing): pip install 'slm[serve]'") from None
@@ -65,12 +72,17 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.config import add_checkpoint_choice, add_placement
 from slm.device import pick_device, pick_dtype
 from slm.constraints import Words, word_first_ids
-from slm.generate import MAX_NEW_TOKENS, SamplingSettings, TextDelta, make_generator, stream
+from slm.generate import SamplingSettings, TextDelta, make_generator, stream
 from slm.model import GPT
 from slm.runfiles import read_sampling
+from slm.serve_requests import (ApiError, BodyLimit, ChatRequest, CompletionRequest, Limits, Sampling, busy,
+                                generation_failed, invalid_body)
 from slm.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("slm.serve")
+API_KEY_ENV = "SLM_API_KEY"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")  # hosts only this machine can reach
+TIME_UP = object()  # what a job's queue gets at its deadline
 
 
 # ---- the worker: one thread owns the model ----------------------------------------------------------------------
@@ -83,18 +95,23 @@ class Job:
     settings: SamplingSettings
     seed: int | None
     loop: asyncio.AbstractEventLoop
+    deadline: float  # time.monotonic() when its rows end (slm serve --request-timeout)
     words: list[Words] | None = None  # per row, the requested words settings.word_bias pushes (chats only)
     deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # set by the handler when its client has gone; the worker drops its rows
+    cancelled: bool = False  # set once nobody reads its deltas: answered, or its client has gone
 
     def send(self, item: TextDelta | Exception) -> None:
         self.loop.call_soon_threadsafe(self.deltas.put_nowait, item)
+
+    def gone(self) -> bool:
+        """Whether the job's text is of no more use: the worker drops its rows, the queue no longer counts it."""
+        return self.cancelled or time.monotonic() >= self.deadline
 
 
 class Batch:
     """Several jobs decoded as one batch by generate.stream."""
 
-    def __init__(self, jobs: list[Job], deltas: Iterator[TextDelta]) -> None:
+    def __init__(self, jobs: list[Job], deltas: Generator[TextDelta, None, None]) -> None:
         self.jobs, self.deltas = jobs, deltas
         self.rows = [(job, choice) for job in jobs for choice in range(len(job.prompts))]
         self.steps = 0  # decoding steps the engine has run; every row has generated this many ids
@@ -102,11 +119,13 @@ class Batch:
     def step(self) -> bool:
         """Run one decoding step, sending each delta to its job; False once every row has finished or every
         job has left. A step's deltas are sent as they come: the rest of the last step's, then the new one's."""
-        if all(job.cancelled for job in self.jobs):
+        if all(job.gone() for job in self.jobs):
+            self.deltas.close()  # the engine stops now and frees its cache, not whenever the batch is collected
             return False
         for delta in self.deltas:
             job, choice = self.rows[delta.row]
-            job.send(dataclasses.replace(delta, row=choice))
+            if not job.gone():  # its rows decode on for the batch's other jobs, but nobody reads them
+                job.send(dataclasses.replace(delta, row=choice))
             if delta.tokens > self.steps:  # the first delta of a new step: the engine has just run it
                 self.steps = delta.tokens
                 return True
@@ -128,18 +147,34 @@ class Worker:
         self.inbox.put(None)
         self.thread.join()
 
-    async def results(self, job: Job) -> AsyncIterator[TextDelta]:
-        """The job's deltas as the worker sends them, until every row has its finish reason."""
+    def submit(self, job: Job) -> None:
         self.inbox.put(job)
-        left = len(job.prompts)
+
+    @staticmethod
+    async def results(job: Job) -> AsyncIterator[TextDelta]:
+        """A submitted job's deltas as the worker sends them, until every row has its finish reason. At the
+        job's deadline, rows still decoding end where they are with "length", as llama.cpp's server ends one
+        past its time limit."""
+        tokens = dict.fromkeys(range(len(job.prompts)), 0)  # per row not finished, the ids it has generated
+        # A marker queued at the deadline, not asyncio.wait_for around each get: before Python 3.12, wait_for
+        # swallows a cancellation that meets a delta just arrived, so a client's leaving could go unnoticed.
+        timer = job.loop.call_later(max(job.deadline - time.monotonic(), 0), job.deltas.put_nowait, TIME_UP)
         try:
-            while left:
+            while tokens:
                 item = await job.deltas.get()
+                if item is TIME_UP:
+                    for row, count in sorted(tokens.items()):
+                        yield TextDelta(row, "", count, "length")
+                    return
                 if isinstance(item, Exception):
                     raise item
-                left -= item.finish_reason is not None
+                if item.finish_reason:
+                    del tokens[item.row]
+                else:
+                    tokens[item.row] = item.tokens
                 yield item
         finally:
+            timer.cancel()
             job.cancelled = True
 
     def _run(self) -> None:
@@ -152,7 +187,7 @@ class Worker:
                 arrived.append(self.inbox.get())
             if None in arrived:
                 return
-            waiting.extend(arrived)
+            waiting = collections.deque(job for job in [*waiting, *arrived] if not job.gone())  # some left waiting
             free = self.max_batch - sum(len(batch.rows) for batch in running)
             while waiting and len(waiting[0].prompts) <= free:  # in arrival order, so a big request is not starved
                 jobs = self._take_batch(waiting, free)
@@ -192,64 +227,17 @@ class Worker:
 
 # ---- requests ---------------------------------------------------------------------------------------------------
 
-class ApiError(Exception):
-    """An error answered as OpenAI's {"error": {...}} JSON."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.error_type = status, message, param, code, error_type
-
-    def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse({"error": error}, status_code=self.status, headers=headers)
-
-
-def generation_failed() -> ApiError:
-    return ApiError(500, "generation failed; see the server's log", error_type="server_error")
-
-Stop = Annotated[str, Field(min_length=1)]  # every text contains the empty string
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class Sampling(BaseModel):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # None, here and below: Server.sampling's
-    top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)  # not OpenAI's; vLLM's and llama.cpp's name
-    word_bias: float | None = Field(None, ge=0, le=100)  # slm's: pushes the words a chat request names
-    n: int = Field(1, ge=1)
-    stop: Stop | list[Stop] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str]
-
-
-class ChatRequest(Sampling):
-    messages: list[Any]  # checked by chat.check_messages, which names the bad message
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens in OpenAI's chat API
-
-
 class Server:
     """The model and its limits; turns requests into jobs for the worker, and their deltas into responses."""
 
-    def __init__(self, model: GPT, model_id: str, created: int, max_tokens: int, max_batch: int,
+    def __init__(self, model: GPT, model_id: str, created: int, limits: Limits,
                  sampling: dict[str, float] = {}) -> None:  # noqa: B006 (read, never changed)
-        self.model, self.model_id, self.created = model, model_id, created
+        self.model, self.model_id, self.created, self.limits = model, model_id, created, limits
         # what a request that leaves a setting out gets: the run's measured choice, else OpenAI's default
         self.sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0} | sampling
-        self.max_tokens, self.max_batch = max_tokens, max_batch
         self.tokenizer = get_tokenizer()
-        self.worker = Worker(model, self.tokenizer, max_batch)
+        self.worker = Worker(model, self.tokenizer, limits.max_batch)
+        self.jobs: list[Job] = []  # submitted, decoding or waiting; pruned of those gone at each submit
 
     def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -259,6 +247,10 @@ class Server:
         return [self.tokenizer.encode(text) or [self.tokenizer.eot_id] for text in texts]
 
     def chat_prompts(self, body: ChatRequest) -> list[list[int]]:
+        if len(body.messages) > self.limits.max_messages:
+            raise ApiError(400, f"the request has {len(body.messages)} messages; this server takes at most "
+                           f"{self.limits.max_messages} (slm serve --max-messages): send only the newest ones",
+                           "messages")
         try:
             messages = chat.check_messages(body.messages, "request")
         except SlmError as err:
@@ -268,38 +260,49 @@ class Server:
 
     def max_new_tokens(self, body: Sampling) -> int:
         asked = (isinstance(body, ChatRequest) and body.max_completion_tokens) or body.max_tokens
-        if asked and asked > self.max_tokens:
-            raise ApiError(400, f"max_tokens is {asked}, but this server allows at most {self.max_tokens} "
+        if asked and asked > self.limits.max_tokens:
+            raise ApiError(400, f"max_tokens is {asked}, but this server allows at most {self.limits.max_tokens} "
                            "(slm serve --max-tokens)", "max_tokens")
-        return asked or self.max_tokens
+        return asked or self.limits.max_tokens
 
     def job(self, body: Sampling, prompts: list[list[int]]) -> Job:
-        if len(prompts) * body.n > self.max_batch:
-            raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} is more than the {self.max_batch} rows "
-                           "this server decodes at once (slm serve --max-batch)", "n")
         block_size = self.model.config.block_size
         for ids in prompts:
             if len(ids) >= block_size:
                 raise ApiError(400, f"the prompt has {len(ids)} tokens, but this model's context holds {block_size} "
                                "with room for at least one new token", "messages" if isinstance(body, ChatRequest)
                                else "prompt", "context_length_exceeded")
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         chosen = {key: default if getattr(body, key) is None else getattr(body, key)
                   for key, default in self.sampling.items()}
-        settings = SamplingSettings(**chosen, max_new_tokens=self.max_new_tokens(body), stop=stop)
+        settings = SamplingSettings(**chosen, max_new_tokens=self.max_new_tokens(body), stop=body.stop)
         words = None  # what a chat's newest request names, for word_bias
         if isinstance(body, ChatRequest) and settings.word_bias:
-            words = [word_first_ids(self.tokenizer, chat.request_words_of(body.messages))] * (len(prompts) * body.n)
+            words = [word_first_ids(self.tokenizer, chat.request_words_of(body.messages))] * body.rows
         return Job([ids for ids in prompts for _ in range(body.n)], settings, body.seed, asyncio.get_running_loop(),
-                   words)
+                   time.monotonic() + self.limits.request_timeout, words)
 
-    async def respond(self, body: Sampling, make_prompts, kind: str) -> dict[str, Any] | StreamingResponse:
+    def submit(self, job: Job) -> None:
+        """Give the job to the worker, or refuse it (429) when the rows waiting for a free one would pass
+        --max-waiting. Counted in rows, as the worker starts a request once it has a row for each choice."""
+        self.jobs = [j for j in self.jobs if not j.gone()]
+        waiting = sum(len(j.prompts) for j in self.jobs) - self.limits.max_batch
+        if waiting + len(job.prompts) > self.limits.max_waiting:
+            raise busy(max(waiting, 0))
+        self.jobs.append(job)
+        self.worker.submit(job)
+
+    async def respond(self, body: Sampling, make_prompts, kind: str,
+                      request: Request) -> dict[str, Any] | StreamingResponse:
         """The answer to a request, kind "chat" or "completion": JSON, or server-sent events with `stream`."""
         if body.model != self.model_id:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has {self.model_id!r}",
                            "model", "model_not_found")
+        if body.rows > self.limits.max_batch:
+            raise ApiError(400, f"{body.rows // body.n} prompt(s) x n={body.n} is more than the "
+                           f"{self.limits.max_batch} rows this server decodes at once (slm serve --max-batch)", "n")
         prompts = await asyncio.to_thread(make_prompts, body)  # a long prompt takes a while to tokenize
         job = self.job(body, prompts)
+        self.submit(job)
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_id, "object": "chat.completion" if kind == "chat" else "text_completion"}
         prompt_tokens = sum(len(ids) for ids in prompts)
@@ -308,12 +311,18 @@ class Server:
             return StreamingResponse(self._events(job, head, kind, prompt_tokens if include_usage else None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, last = [""] * len(job.prompts), {}
-        try:
+
+        async def collect() -> None:
             async for delta in self.worker.results(job):
                 texts[delta.row] += delta.text
                 last[delta.row] = delta
+
+        try:
+            answered = await _unless_disconnected(collect(), request)
         except Exception:
             raise generation_failed() from None
+        if not answered:  # nobody reads this; 499 is nginx's "client closed request", for the log
+            raise ApiError(499, "the client closed the connection before its answer was ready")
         choices = [{"index": row, **_content(kind, text, final=True), "logprobs": None,
                     "finish_reason": last[row].finish_reason} for row, text in enumerate(texts)]
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, sum(d.tokens for d in last.values()))}
@@ -341,6 +350,26 @@ class Server:
         yield "data: [DONE]\n\n"
 
 
+async def _unless_disconnected(work: Awaitable[None], request: Request) -> bool:
+    """Run work to its end (True) unless the client disconnects first (False; work is cancelled, and with it
+    its job). Once a request's body is read, the next message the server gives the app is http.disconnect;
+    a streamed response needs none of this, as Starlette stops it at the client's disconnect itself."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        gone.cancel()
+    if task in done:
+        task.result()  # its exception, if it failed
+    return task in done
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -354,46 +383,21 @@ def _content(kind: str, text: str, final: bool) -> dict[str, Any]:
     return {"delta": {"content": text} if text else {}}
 
 
-class BodyLimit:
-    """ASGI middleware refusing POST bodies over max_bytes before they are read. uvicorn reads exactly
-    Content-Length bytes, so the header bounds what is read; a body without one is refused."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            error = None
-            if not length.isdigit():
-                error = ApiError(411, "send the request body with a Content-Length header")
-            elif int(length) > self.max_bytes:
-                error = ApiError(413, f"the request body has {int(length)} bytes; this server takes at most "
-                                 f"{self.max_bytes} (slm serve --max-body-bytes)")
-            if error:
-                return await error.response()(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
 # ---- the app ----------------------------------------------------------------------------------------------------
 
 def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", api_key: str | None = None,
-               max_tokens: int = 512, max_batch: int = 16, max_body_bytes: int = 1_000_000,
-               dtype: str = "auto") -> FastAPI:
-    """The FastAPI app serving RUN's checkpoint; its worker thread runs while the app does (lifespan)."""
-    if not 1 <= max_tokens <= MAX_NEW_TOKENS:
-        raise SlmError(f"--max-tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_tokens})")
-    if max_batch < 1:
-        raise SlmError(f"--max-batch must be at least 1 (got {max_batch})")
+               dtype: str = "auto", **limits: Any) -> FastAPI:
+    """The FastAPI app serving RUN's checkpoint; its worker thread runs while the app does (lifespan).
+    `limits`: the fields of serve_requests.Limits (max_tokens=..., max_batch=...), each defaulting to its flag's."""
+    chosen = Limits(**limits)
+    chosen.check()
     if api_key == "":
-        raise SlmError("--api-key must not be empty; omit it to serve without a key")
-    if max_body_bytes < 1:
-        raise SlmError(f"--max-body-bytes must be at least 1 (got {max_body_bytes})")
+        raise SlmError(f"--api-key (or {API_KEY_ENV}) must not be empty; unset it to serve without a key")
     folder = checkpoint_dir(run, checkpoint)
     placement = pick_device(device)
     model, _, _ = load_model(folder, placement, pick_dtype(dtype, placement))
     created = int((folder / "model.safetensors").stat().st_mtime)
-    server = Server(model, Path(run).resolve().name, created, max_tokens, max_batch, read_sampling(run))
+    server = Server(model, Path(run).resolve().name, created, chosen, read_sampling(run))
     page = resources.files("slm").joinpath("chat.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
@@ -404,14 +408,14 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
 
     app = FastAPI(title="slm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=chosen.max_body_bytes)
 
     async def authorize(request: Request) -> None:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         given = key.encode() if scheme.lower() == "bearer" else b""
         if api_key is not None and not secrets.compare_digest(given, api_key.encode()):
             raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY' "
-                           "with the key given to slm serve --api-key", code="invalid_api_key")
+                           f"with the key slm serve was given (--api-key or {API_KEY_ENV})", code="invalid_api_key")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -419,13 +423,7 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        if first["type"] == "json_invalid":
-            return ApiError(400, f"the request body is not valid JSON ({first['ctx']['error']})").response()
-        where = [str(part) for part in first["loc"] if part != "body"]
-        code = "missing_required_parameter" if first["type"] == "missing" else None
-        return ApiError(400, f"{'.'.join(where) or 'the body'}: {first['msg']}", where[0] if where else None,
-                        code).response()
+        return invalid_body(err).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -437,7 +435,7 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.model_id, "max_tokens": server.max_tokens,
+        return {"status": "ok", "model": server.model_id, "max_tokens": server.limits.max_tokens,
                 "sampling": server.sampling,
                 "api_key_required": api_key is not None}
 
@@ -447,12 +445,12 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
                                             "owned_by": "slm"}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(body: CompletionRequest):
-        return await server.respond(body, server.completion_prompts, "completion")
+    async def completions(body: CompletionRequest, request: Request):
+        return await server.respond(body, server.completion_prompts, "completion", request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatRequest):
-        return await server.respond(body, server.chat_prompts, "chat")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await server.respond(body, server.chat_prompts, "chat", request)
 
     return app
 
@@ -463,21 +461,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every network "
                    "(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
-    p.add_argument("--max-tokens", type=int, default=512, help="the most tokens a request may generate per choice, "
-                   "and what it gets without max_tokens: a cap, so above generate's and chat's --max-new-tokens "
-                   "(default: 512)")
-    p.add_argument("--max-batch", type=int, default=16, help="the most rows decoded at once; n choices take "
-                   "n rows, and later requests wait (default: 16)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000,
-                   help="the largest request body accepted (default: 1000000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1; the environment "
+                   f"variable {API_KEY_ENV} keeps the key out of the process list (default: {API_KEY_ENV}, else none)")
+    p.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="the most tokens a request may "
+                   "generate per choice, and what it gets without max_tokens: a cap, so above generate's and chat's "
+                   "--max-new-tokens (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=Limits.max_batch, help="the most rows decoded at once; n "
+                   "choices take n rows, and later requests wait (default: %(default)s)")
+    p.add_argument("--max-waiting", type=int, default=Limits.max_waiting, help="the most rows waiting for a free "
+                   "one; a request past it is refused with 429 and Retry-After (default: %(default)s)")
+    p.add_argument("--max-messages", type=int, default=Limits.max_messages,
+                   help="the most messages in a chat request (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=Limits.request_timeout, metavar="SECONDS",
+                   help="a request's rows still decoding this long after it was queued end with \"length\" "
+                   "(default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                   help="the largest request body accepted (default: %(default)s)")
 
 
 def main(args) -> int:
-    app = create_app(args.run, args.checkpoint, args.device, args.api_key, args.max_tokens, args.max_batch,
-                     args.max_body_bytes, args.dtype)
+    # The key from the environment, unless the flag gives one: a flag is visible to every user in `ps`.
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    app = create_app(args.run, args.checkpoint, args.device, api_key, args.dtype, max_tokens=args.max_tokens,
+                     max_batch=args.max_batch, max_waiting=args.max_waiting, max_messages=args.max_messages,
+                     request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
     server, url = app.state.server, f"http://{args.host}:{args.port}"
     print(f"slm: serving {server.model_id} ({server.model.config.block_size}-token context): the chat page at "
           f"{url}/, the OpenAI API at {url}/v1", flush=True)
+    if api_key is None and args.host not in LOOPBACK:
+        print(f"slm: warning: serving on {args.host} without an API key, so anyone who can reach port {args.port} "
+              f"can use the model; set {API_KEY_ENV} (or --api-key)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

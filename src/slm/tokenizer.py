@@ -78,25 +78,48 @@ class StreamDecoder:
 
 class StopText:
     """One row's text as it arrives in pieces. A tail that could be the start of a stop string is held back
-    until it cannot be, so no part of a stop string is ever shown, even one split across tokens."""
+    until it cannot be, so no part of a stop string is ever shown, even one split across tokens. The row
+    stops at the first stop string its text comes to contain.
+
+    Each stop string is followed by its Knuth-Morris-Pratt automaton, one step per new character, so the work
+    is linear in the text and the stop strings; testing every prefix of a stop string against the text's end
+    was quadratic in its length."""
 
     def __init__(self, stop: tuple[str, ...]) -> None:
-        self.stop, self.text, self.shown = stop, "", 0
+        self.stop = stop
+        self.fallback = [_kmp_fallback(s) for s in stop]
+        self.matched = [0] * len(stop)  # per stop string, how many of its first characters the text ends with
+        self.held = ""  # the text not shown yet: the longest tail that begins a stop string
 
     def add(self, piece: str, final: bool = False) -> tuple[str, bool]:
         """(the text now safe to show, whether a stop string was reached); `final` releases what is held."""
-        self.text += piece
-        # No stop string starts before `shown`: its beginning would have been held back.
-        hits = [i for s in self.stop if (i := self.text.find(s, self.shown)) >= 0]
-        if hits:
-            end = min(hits)
-        elif final:
-            end = len(self.text)
-        else:  # hold back the longest tail that begins a stop string
-            end = len(self.text) - max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])),
-                                       default=0)
-        shown, self.shown = self.text[self.shown:end], end
-        return shown, bool(hits)
+        if not self.stop:  # most rows have none: no loop over their characters
+            return piece, False
+        text = self.held + piece
+        for position, char in enumerate(piece, len(self.held) + 1):  # position: text[:position] has char last
+            for k, s in enumerate(self.stop):
+                n = self.matched[k]
+                while n and s[n] != char:
+                    n = self.fallback[k][n - 1]
+                self.matched[k] = n = n + (s[n] == char)
+            reached = [len(s) for s, n in zip(self.stop, self.matched) if n == len(s)]
+            if reached:  # the longest of those ending here starts first; the text ends before it
+                return text[:position - max(reached)], True
+        held = 0 if final else max(self.matched, default=0)
+        self.held = text[len(text) - held:]
+        return text[:len(text) - held], False
+
+
+def _kmp_fallback(s: str) -> list[int]:
+    """fallback[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix (KMP's failure
+    function), where matching resumes when the next character does not extend a partial match."""
+    fallback, n = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while n and s[i] != s[n]:
+            n = fallback[n - 1]
+        n += s[i] == s[n]
+        fallback[i] = n
+    return fallback
 
 
 @functools.cache
