@@ -1,9 +1,11 @@
 import contextlib
+import importlib.util
 import io
 import json
 import re
 
 import pytest
+from conftest import skip_unless_ci
 
 from slm.cli import main
 
@@ -12,7 +14,7 @@ from slm.cli import main
 SMALL = ["--steps", "1", "--new-tokens", "4", "--device", "cpu", "--n-layer", "1", "--n-embd", "32",
          "--block-size", "16", "--batch-size", "4", "--micro-batch-size", "4"]
 FIGURES = ["prepare", "train preset tiny", "KV cache, batch 1", "KV cache, batch 8", "recompute, batch 1",
-           "recompute, batch 8", "KV cache speed-up, batch 1", "peak memory"]
+           "recompute, batch 8", "KV cache speed-up, batch 1", "KV cache, batch 1, greedy", "peak memory"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,10 @@ def test_save_writes_the_figures_and_the_machine_as_json(bench):
         ("float32", 0), ("bfloat16", 0), ("float32", 8192), ("bfloat16", 8192)]
     assert result["train"][4]["name"] == "preset tiny"
     rates = result["generate"]["tokens_per_s"]
-    assert set(rates) == {"kv_cache_batch_1", "kv_cache_batch_8", "recompute_batch_1", "recompute_batch_8"}
+    assert set(rates) - {"llama_cpp_batch_1_greedy"} == {"kv_cache_batch_1", "kv_cache_batch_8", "recompute_batch_1",
+                                                         "recompute_batch_8", "kv_cache_batch_1_greedy"}
+    assert ("llama_cpp_batch_1_greedy" in rates) != ("llama_cpp_missing" in result["generate"])
+    assert result["generate"]["threads"] >= 1
     figures = [result["prepare_tokens_per_s"], result["peak_memory_mb"], *rates.values(),
                *(row["tokens_per_s"] for row in result["train"])]
     assert all(value > 0 for value in figures)
@@ -80,6 +85,28 @@ def test_bench_generate_measures_generation_alone(capsys):
     for name in FIGURES[2:]:
         assert name in table
     assert "prepare:" not in table and "train " not in table
+
+
+def test_bench_generate_prints_llama_cpps_greedy_row_beside_its_own(capsys):
+    """The same model exported to GGUF, the same prompt and token count; 40 tokens slide the 32-token window."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        skip_unless_ci("llama.cpp's row needs llama-cpp-python: pip install llama-cpp-python==0.3.36")
+    assert main(["bench", "generate", "--preset", "tiny", "--device", "cpu", "--new-tokens", "40"]) == 0
+    table = capsys.readouterr().out
+    assert figure(table, "KV cache, batch 1, greedy") > 0
+    assert figure(table, "llama.cpp 40 tokens, batch 1, greedy") > 0 and "thread" in table
+    assert figure(table, "slm / llama.cpp, batch 1, greedy") > 0
+    assert "no llama.cpp row" not in table
+
+
+def test_without_llama_cpp_python_the_table_says_why_there_is_no_llama_cpp_row(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llama_cpp" else find_spec(name, *args))
+    assert main(["bench", "generate", "--preset", "tiny", "--device", "cpu", "--new-tokens", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "llama.cpp " not in table.replace("no llama.cpp row", "")
+    assert "no llama.cpp row: llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)" in table
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["emulated", "native"])

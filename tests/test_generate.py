@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
 from slm.config import ModelConfig
 from slm.errors import SlmError
-from slm.generate import (CompactSampler, KVCache, SamplingSettings, complete, decode, draw, generate, make_picker,
+from slm.generate import (CompactSampler, SamplingSettings, complete, decode, draw, generate, make_picker,
                           penalize_repetition, prompt_ids, sample_next, stream, top_k_filter, top_p_filter)
+from slm.kv_cache import KVCache
 from slm.model import GPT
 from slm.tokenizer import EOT_ID, StopText, get_tokenizer
 
@@ -30,6 +32,61 @@ def test_greedy_decoding_with_the_cache_equals_full_recompute(model):
     slow = generate(model, prompt, 15, temperature=0, use_cache=False)
     fast = generate(model, prompt, 15, temperature=0, use_cache=True)
     assert torch.equal(slow, fast)
+
+
+@pytest.fixture(scope="module", params=[0, 64], ids=["full-head", "compact-head"])
+def trained(request, tiny_data, tmp_path_factory) -> Path:
+    """A tiny-preset run trained 60 steps, with a full head (0) or a compact head of 64 ids."""
+    from slm.train import start
+
+    run = tmp_path_factory.mktemp("trained") / f"head{request.param}"
+    cfg = tiny_config(tiny_data, max_steps=60)
+    start(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_head=request.param)), run)
+    return run
+
+
+def lively_model(vocab_head: int = 0) -> GPT:
+    """A random model whose greedy text varies: its matrices at ten times GPT-2's initial scale. At GPT-2's own
+    scale greedy text repeats one or two ids, and a repeated id cannot tell the right context from a wrong one."""
+    torch.manual_seed(1)
+    model = GPT(dataclasses.replace(CFG, vocab_head=vocab_head)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    if vocab_head:
+        model.lm_head.set_frequencies(torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5)))
+    return model
+
+
+@pytest.mark.parametrize("vocab_head", [0, 10], ids=["full-head", "compact-head"])
+@pytest.mark.parametrize("prompt", [[1], [5, 17, 3, 99, 42]], ids=["one-id", "five-ids"])
+def test_batch_one_greedy_text_with_the_cache_equals_full_recompute_over_a_whole_window(vocab_head, prompt):
+    """The path `slm generate --temperature 0` takes by default: float32, one prompt, no padding, so no mask,
+    each step attending to every cached slot; for a compact head, the one-argmax greedy pick."""
+    model = lively_model(vocab_head)
+    settings = SamplingSettings(temperature=0, max_new_tokens=CFG.block_size - len(prompt) + 1)  # a full window
+    fast, slow = (torch.cat(list(decode(model, [prompt], settings, use_cache=c))).tolist() for c in (True, False))
+    assert fast == slow
+    assert len(set(fast)) > 3
+
+
+def test_the_cached_greedy_pick_equals_the_recomputed_one_at_every_position_of_a_story(trained):
+    """Greedy text from a briefly trained model soon repeats one id; along a story each step meets a new
+    context, and the cached step's pick must still be the recompute's."""
+    model, cfg, _ = load_model(checkpoint_dir(trained), "cpu", torch.float32)
+    ids = get_tokenizer().encode("Once upon a time, there was a little girl named Lily. She liked to play with "
+                                 "her red ball in the park. One day, she saw a big dog.")[:cfg.model.block_size]
+    pick = make_picker(model, SamplingSettings(temperature=0), None, seen=None)
+    cache, picks = KVCache(model, pad=[0]), []
+    with torch.no_grad():
+        for t in range(len(ids)):
+            fast = pick(model.hidden(torch.tensor([ids[t:t + 1]]), kv_cache=cache)[:, -1])
+            cache.advance(1)
+            slow = pick(model.hidden(torch.tensor([ids[:t + 1]]))[:, -1])
+            assert fast == slow, t
+            picks.append(slow.item())
+    assert len(set(picks)) > 5  # the contexts really differ
 
 
 def test_cached_logits_match_full_forward_within_1e_5(model):
@@ -156,6 +213,18 @@ def test_a_left_padded_batch_gives_each_row_its_own_logits_within_1e_5(model):
 def test_a_padded_batch_slides_its_window_and_keeps_going(model):
     steps = list(decode(model, PROMPTS, SamplingSettings(temperature=0, max_new_tokens=3 * CFG.block_size)))
     assert len(steps) == 3 * CFG.block_size and all(ids.shape == (3,) for ids in steps)
+
+
+@pytest.mark.parametrize("prompts", [[[5, 17, 3]], PROMPTS], ids=["one-row", "padded-batch"])
+def test_a_full_window_slides_to_its_newest_half_and_decodes_as_recompute_from_there(prompts):
+    model, block = lively_model(), CFG.block_size
+    first = block - max(map(len, prompts)) + 1  # ids each row gets before the window is full
+    second = block - block // 2 + 1  # and then, from the newest half
+    ids = torch.stack(list(decode(model, prompts, SamplingSettings(temperature=0, max_new_tokens=first + second))), 1)
+    for prompt, row in zip(prompts, ids.tolist()):
+        context = torch.tensor([(prompt + row[:first])[-(block // 2):]])
+        assert row[first:] == generate(model, context, second, temperature=0, use_cache=False)[0, block // 2:].tolist()
+        assert len(set(row[first:])) > 3
 
 
 def test_full_recompute_refuses_prompts_of_different_lengths_and_empty_prompts_are_errors(model):
@@ -415,16 +484,9 @@ def test_a_compact_nucleus_needs_the_expanded_logits_only_where_it_reaches_the_r
 BF16_LOGIT_TOLERANCE = 0.1
 
 
-@pytest.mark.parametrize("vocab_head", [0, 64], ids=["full-head", "compact-head"])
-def test_bfloat16_greedy_text_equals_float32_except_where_the_top_two_logits_are_within_rounding(
-        tiny_data, tmp_path, vocab_head):
-    from slm.train import start
-
-    run = tmp_path / "run"
-    cfg = tiny_config(tiny_data, max_steps=60)
-    start(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_head=vocab_head)), run)
-    full, _, _ = load_model(checkpoint_dir(run), "cpu", torch.float32)
-    half, _, _ = load_model(checkpoint_dir(run), "cpu", torch.bfloat16)
+def test_bfloat16_greedy_text_equals_float32_except_where_the_top_two_logits_are_within_rounding(trained):
+    full, _, _ = load_model(checkpoint_dir(trained), "cpu", torch.float32)
+    half, _, _ = load_model(checkpoint_dir(trained), "cpu", torch.bfloat16)
     assert half.transformer.wte.weight.dtype == torch.bfloat16
     prompt = [get_tokenizer().encode("Lily had a")]
     settings = SamplingSettings(temperature=0, max_new_tokens=24)

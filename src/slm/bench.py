@@ -5,7 +5,8 @@ at nanoGPT's CPU configuration (4 layers x 128, context 128, batch 32, GPT-2's v
 bfloat16, with the full head and with a compact head of 8,192 ids, and for the chosen preset (each through
 train.py's steps on synthetic tokens, warm-up excluded; on a known GPU also as MFU); generation tokens/s
 of the preset's model with the KV cache and with full recompute at batch 1 and 8 (through generate.py's
-engine); and peak memory.
+engine), and greedy at batch 1 beside llama.cpp's on the same model exported to GGUF (where llama-cpp-python
+is installed); and peak memory.
 `slm bench nanogpt` (or prepare, train, generate) measures one part alone. The numbers are printed and, with
 --save, recorded with the machine; tests check that they appear, never how large they are.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -22,15 +24,18 @@ import sys
 import tempfile
 import time
 from collections import deque
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from slm import checkpoint
 from slm.config import Config, ModelConfig, add_config_flags, flags_from_args, preset_names, resolve
 from slm.device import compile_model, cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
 from slm.errors import SlmError
-from slm.generate import SamplingSettings, decode, make_generator
+from slm.export import export_gguf
+from slm.generate import DEFAULT_TEMPERATURE, SamplingSettings, decode, make_generator
 from slm.model import GPT
 from slm.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
 from slm.runfiles import write_text_atomic
@@ -125,14 +130,15 @@ def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
     return model, steps * cfg.train.batch_size * cfg.model.block_size / seconds
 
 
-def bench_generate(model: GPT, batch_size: int, new_tokens: int, use_cache: bool) -> float:
-    """Generated tokens/s, summed over the batch, sampling as `slm generate` does by default."""
+def bench_generate(model: GPT, batch_size: int, new_tokens: int, use_cache: bool,
+                   temperature: float = DEFAULT_TEMPERATURE) -> float:
+    """Generated tokens/s, summed over the batch, sampling as `slm generate` does by default (0: greedy)."""
     device = model.transformer.wte.weight.device
     prompts = [[EOT_ID]] * batch_size  # new documents, as with an empty prompt
     generator = make_generator(device, seed=0)
 
     def run(n: int) -> None:
-        settings = SamplingSettings(temperature=0.8, max_new_tokens=n)
+        settings = SamplingSettings(temperature=temperature, max_new_tokens=n)
         deque(decode(model, prompts, settings, generator, use_cache), maxlen=0)
 
     run(2)  # warm-up
@@ -141,6 +147,47 @@ def bench_generate(model: GPT, batch_size: int, new_tokens: int, use_cache: bool
     run(new_tokens)
     synchronize(device)
     return batch_size * new_tokens / (time.perf_counter() - start)
+
+
+def bench_llama_cpp(model: GPT, cfg: Config, new_tokens: int) -> float:
+    """llama.cpp's greedy batch-1 tokens/s on this model, through llama-cpp-python, exported by `slm export
+    --format gguf` with its defaults, on torch's thread count, from the same end-of-text prompt. Its window
+    slides as decode's does: once the context is full, it starts again from the newest block_size // 2 ids."""
+    import llama_cpp
+
+    block, threads = cfg.model.block_size, torch.get_num_threads()
+
+    def run(llm: llama_cpp.Llama, n: int) -> None:
+        ids = [EOT_ID]
+        while len(ids) <= n:
+            context = ids[-(block // 2):] if len(ids) > 1 else ids
+            llm.reset()  # no reuse of a cached prefix: the same work as decode's refill
+            ids += islice(llm.generate(context, temp=0.0), min(n + 1 - len(ids), block - len(context) + 1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.save(Path(tmp), "best", model, cfg, get_tokenizer().identity())
+        llm = llama_cpp.Llama(model_path=str(export_gguf(tmp, Path(tmp) / "model.gguf")), n_ctx=block,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        try:
+            run(llm, 2)  # warm-up
+            start = time.perf_counter()
+            run(llm, new_tokens)
+            return new_tokens / (time.perf_counter() - start)
+        finally:
+            llm.close()
+
+
+def llama_cpp_missing(device: torch.device, model: ModelConfig) -> str | None:
+    """Why there can be no llama.cpp row here, or None."""
+    if device.type != "cpu":
+        return f"llama-cpp-python's row is measured on the CPU, not on {device.type}"
+    if not model.bias:
+        return "the model has bias=False, which GGUF's gpt2 architecture cannot express"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)"
+    if importlib.util.find_spec("gguf") is None:
+        return "gguf is not installed (pip install 'slm[gguf]')"
+    return None
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -226,7 +273,14 @@ def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
                               "new_tokens": new_tokens, "tokens_per_s": {
                                   f"{method}_batch_{batch}": bench_generate(model, batch, new_tokens, use_cache)
                                   for method, use_cache in (("kv_cache", True), ("recompute", False))
-                                  for batch in GENERATE_BATCHES}}
+                                  for batch in GENERATE_BATCHES}, "threads": torch.get_num_threads()}
+        rates = result["generate"]["tokens_per_s"]
+        rates["kv_cache_batch_1_greedy"] = bench_generate(model, 1, new_tokens, use_cache=True, temperature=0)
+        missing = llama_cpp_missing(device, cfg.model)
+        if missing is None:
+            rates["llama_cpp_batch_1_greedy"] = bench_llama_cpp(model, cfg, new_tokens)
+        else:
+            result["generate"]["llama_cpp_missing"] = missing
     result["peak_memory_mb"], result["peak_memory_kind"] = peak_memory_mb(device)
     return result
 
@@ -250,15 +304,26 @@ def table(r: dict) -> str:
                      f"{row['dtype']}{emulated}", row["tokens_per_s"], "tokens/s"))
         if row.get("mfu") is not None:
             rows.append(("  MFU: its share of the GPU's dense bf16 peak", 100 * row["mfu"], "%"))
+    notes = []
     if "generate" in r:
-        g = r["generate"]
-        for name, rate in g["tokens_per_s"].items():
-            method, batch = name.rsplit("_batch_", 1)
-            method = "KV cache" if method == "kv_cache" else method
-            rows.append((f"generate {g['new_tokens']} tokens, {method}, batch {batch}", rate, "tokens/s"))
+        g, rates = r["generate"], r["generate"]["tokens_per_s"]
+        for method, use_cache in (("KV cache", "kv_cache"), ("recompute", "recompute")):
+            for batch in GENERATE_BATCHES:
+                rows.append((f"generate {g['new_tokens']} tokens, {method}, batch {batch}",
+                             rates[f"{use_cache}_batch_{batch}"], "tokens/s"))
         for batch in GENERATE_BATCHES:
-            speedup = g["tokens_per_s"][f"kv_cache_batch_{batch}"] / g["tokens_per_s"][f"recompute_batch_{batch}"]
+            speedup = rates[f"kv_cache_batch_{batch}"] / rates[f"recompute_batch_{batch}"]
             rows.append((f"KV cache speed-up, batch {batch}", speedup, "x"))
+        rows.append((f"generate {g['new_tokens']} tokens, KV cache, batch 1, greedy", rates["kv_cache_batch_1_greedy"],
+                     "tokens/s"))
+        if "llama_cpp_batch_1_greedy" in rates:
+            threads = f"{g['threads']} thread{'s' if g['threads'] > 1 else ''}"
+            rows.append((f"llama.cpp {g['new_tokens']} tokens, batch 1, greedy (this model as GGUF f16, {threads})",
+                         rates["llama_cpp_batch_1_greedy"], "tokens/s"))
+            rows.append(("slm / llama.cpp, batch 1, greedy",
+                         rates["kv_cache_batch_1_greedy"] / rates["llama_cpp_batch_1_greedy"], "x"))
+        else:
+            notes.append(f"no llama.cpp row: {g['llama_cpp_missing']}")
     rows.append((f"peak memory ({r['peak_memory_kind']})", r["peak_memory_mb"], "MB"))
     lines = [f"slm bench on {r['device']}{bf16}, {r['date']}: {r['timed_steps']} timed training steps after "
              f"{r['warmup_steps']} warm-up", f"machine: {hardware}, torch {m['torch']}, Python {m['python']}"]
@@ -266,8 +331,9 @@ def table(r: dict) -> str:
         lines.append(f"generation model: preset {r['preset']}, "
                      f"{shape(r['generate']['model'], r['generate']['parameters'])}")
     width = max(len(label) for label, _, _ in rows)
-    return "\n".join(lines + [""] + [f"  {label:<{width}} {value:>10,.{2 if unit in ('x', '%') else 0}f} {unit}"
-                                     for label, value, unit in rows])
+    decimals = {"x": 2, "%": 1}  # a ratio such as slm / llama.cpp to 1%
+    return "\n".join(lines + [""] + [f"  {label:<{width}} {value:>10,.{decimals.get(unit, 0)}f} {unit}"
+                                     for label, value, unit in rows] + [f"  {note}" for note in notes])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

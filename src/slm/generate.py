@@ -1,8 +1,9 @@
-"""Sampling and decoding: the KV cache, sampling filters, streaming, and `slm generate`.
+"""Sampling and decoding: sampling filters, KV-cache decoding, streaming, and `slm generate`.
 
 One engine serves `slm generate`, the samples printed in training, chat and the server. `decode` runs a batch
-of prompts of any lengths: they are left-padded into one batch, and the KV cache masks the padding and counts
-each row's positions from its first real token, so a row gets the same ids as its prompt decoded alone.
+of prompts of any lengths: they are left-padded into one batch, and the KV cache (kv_cache.py) masks the
+padding and counts each row's positions from its first real token, so a row gets the same ids as its prompt
+decoded alone.
 `stream` turns the ids into text, row by row, ending each row with a finish reason: "stop" (end-of-text or a
 stop string) or "length" (max_new_tokens reached). Each step runs the head at the newest position only; a
 compact head samples its class, then the id (CompactSampler), without building 50,257 logits.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ import torch
 from slm.config import add_checkpoint_choice, add_placement
 from slm.constraints import Words
 from slm.errors import SlmError
+from slm.kv_cache import KVCache
 from slm.model import GPT, CompactHead
 from slm.tokenizer import StopText, StreamDecoder, Tokenizer
 
@@ -67,53 +70,6 @@ class SamplingSettings:
             raise SlmError(f"--word-bias must be between 0 and 100 (got {self.word_bias}); use 0 for none")
         if "" in self.stop:
             raise SlmError("--stop must not be empty: every text contains the empty string")
-
-
-class KVCache:
-    """Keys and values of every layer for one window, (n_layer, B, H, block_size, D), of a left-padded batch:
-    the first pad[b] slots of row b hold padding, which no real token ever attends to."""
-
-    def __init__(self, model: GPT, pad: list[int]) -> None:
-        cfg, wte = model.config, model.transformer.wte.weight
-        shape = (cfg.n_layer, len(pad), cfg.n_head, cfg.block_size, cfg.head_dim)
-        self.k = torch.empty(shape, device=wte.device, dtype=wte.dtype)
-        self.v = torch.empty(shape, device=wte.device, dtype=wte.dtype)
-        self.pad = torch.tensor(pad, device=wte.device)[:, None, None]  # (B, 1, 1)
-        self.padded = any(pad)  # known on the host, so picking the fast path never waits for the device
-        self.position = 0
-        self._mask: torch.Tensor | None = None  # this step's, built by the first layer to ask
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.position + k.size(2)
-        self.k[layer, :, :, self.position:end] = k
-        self.v[layer, :, :, self.position:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, tokens: int) -> None:
-        self.position += tokens
-        self._mask = None
-
-    def _slots(self, T: int) -> torch.Tensor:
-        return torch.arange(self.position, self.position + T, device=self.pad.device)  # (T,)
-
-    def positions(self, T: int) -> torch.Tensor:
-        return (self._slots(T) - self.pad[:, 0]).clamp(min=0)  # (B, T); padding says 0, and is never attended to
-
-    def attention_mask(self, T: int) -> torch.Tensor | None:
-        if self.position == 0 and not self.padded:
-            return None
-        if self._mask is None:  # every layer of a step asks for the same mask: build it once
-            self._mask = self._build_mask(T)
-        return self._mask
-
-    def _build_mask(self, T: int) -> torch.Tensor:
-        query = self._slots(T)[:, None]  # (T, 1)
-        key = torch.arange(self.position + T, device=self.pad.device)  # (L,)
-        # A padding slot attends to itself alone. With no key at all its softmax is 0/0: NaN in SDPA before
-        # PyTorch 2.5 and in some fused kernels (pytorch#103963), and a NaN value reaches real tokens in the
-        # next layer even where it is masked out (pytorch#101967).
-        mask = (key <= query) & ((key >= self.pad) | (key == query))  # (B, T, L)
-        return mask[:, None]  # (B, 1, T, L)
 
 
 # ---- sampling filters: pure functions on logits (B, V), composed by sample_next --------------------------------
@@ -185,6 +141,23 @@ def sample_next(logits: torch.Tensor, settings: SamplingSettings, generator: tor
     return draw(torch.softmax(top_p_filter(logits, settings.top_p), dim=-1), generator)
 
 
+_RARE_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head -> (key, rare ids, their log q)
+
+
+def rare_by_likelihood(head: CompactHead) -> tuple[torch.Tensor, torch.Tensor]:
+    """A compact head's rare ids (R,), likeliest first (ties: lowest id first), and their log q in the widest
+    float. Sorting ~46k ids took 3.5 ms, as long as five decoding steps of the cpu preset, so the order is kept
+    per head until its buffers change (in-place updates bump a tensor's _version, as for output_matrix)."""
+    key = tuple((t.data_ptr(), t._version) for t in (head.class_of, head.log_q))
+    cached = _RARE_ORDER.get(head)
+    if cached is None or cached[0] != key:
+        rare = (head.class_of == head.head_ids.numel()).nonzero().squeeze(1)  # ascending ids
+        log_q = head.log_q[rare].to(widest_float(rare.device))
+        order = torch.argsort(log_q, descending=True, stable=True)
+        cached = _RARE_ORDER[head] = key, rare[order], log_q[order]
+    return cached[1], cached[2]
+
+
 class CompactSampler:
     """Next ids from a compact head's distribution over every id without building its (B, V) logits: the
     class first, then, for "other", the rare id. It gives exactly sample_next's distribution over the
@@ -198,31 +171,30 @@ class CompactSampler:
       and the K likeliest rare ids, with probabilities over the whole vocabulary; every other id is at most
       as likely as the K-th rare id, so where the nucleus stops above that id it is exact, and elsewhere
       (a flat distribution) the step goes through the expanded logits.
-    - greedy: the best class against the likeliest rare id.
+    - greedy: the best class against the likeliest rare id, as one argmax over the K classes and that id.
 
     The repetition penalty changes single ids: it goes through the expanded logits (make_picker)."""
 
     def __init__(self, head: CompactHead, settings: SamplingSettings, generator: torch.Generator | None) -> None:
         self.head, self.settings, self.generator = head, settings, generator
         self.K = head.head_ids.numel()
-        rare = (head.class_of == self.K).nonzero().squeeze(1)  # ascending ids: ties in q keep the lowest first
-        log_q = head.log_q[rare].to(widest_float(rare.device))
-        order = torch.argsort(log_q, descending=True, stable=True)
-        self.rare_ids, self.rare_log_q = rare[order], log_q[order]  # (R,), likeliest first
+        self.rare_ids, self.rare_log_q = rare_by_likelihood(head)  # (R,), likeliest first
         t = settings.temperature
+        if t == 0:  # the likeliest rare id stands in for "other": its logit is c_other + its log q
+            self.greedy_ids = torch.cat([head.head_ids, self.rare_ids[:1]])  # (K+1,)
+            self.greedy_shift = torch.zeros(self.K + 1, dtype=self.rare_log_q.dtype, device=self.rare_ids.device)
+            self.greedy_shift[self.K] = self.rare_log_q[0]
         if t > 0 and settings.top_k is None:  # sampling over every id, or the nucleus
             self.other_log_mass = torch.logsumexp(self.rare_log_q / t, dim=0)  # log sum(q^(1/t))
             self.rare_cdf = cumulative(torch.softmax(self.rare_log_q / t, dim=0))  # (R,)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, C) -> next ids (B,)."""
+        t, top_k = self.settings.temperature, self.settings.top_k
+        if t == 0:  # in float64, as log q; argmax takes the first of equal logits: a class before the rare id
+            return self.greedy_ids[(self.head.class_logits(hidden) + self.greedy_shift).argmax(dim=-1)]
         c = self.head.class_logits(hidden).to(self.rare_log_q.dtype)  # (B, K+1), as precise as log q
         frequent, other = c[:, :self.K], c[:, self.K]
-        t, top_k = self.settings.temperature, self.settings.top_k
-        if t == 0:
-            best = frequent.argmax(dim=-1)
-            rare_wins = other + self.rare_log_q[0] > frequent.gather(1, best[:, None]).squeeze(1)
-            return torch.where(rare_wins, self.rare_ids[0], self.head.head_ids[best])
         if top_k is None and self.settings.top_p < 1:
             return self.nucleus(hidden, frequent, other)
         if top_k is None:
@@ -331,14 +303,16 @@ def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettin
     if words and settings.word_bias and any(words):
         pushed = WordBias(words, settings.word_bias, model.config.vocab_size, device)
     pick = make_picker(model, settings, generator, seen, pushed.bias if pushed else None)
-    cache, new = None, context
+    cache, new, cached = None, context, []  # cached: the ids (B, 1) the cache holds beyond `context`
     for _ in range(settings.max_new_tokens):
         if use_cache:
             if cache is None or cache.position == block_size:
                 if cache is not None:  # the window is full: slide it, keeping the newest half
-                    context, pad = keep_last(context, pad, block_size // 2)
-                    new = context
+                    context, pad = keep_last(torch.cat([context, *cached, new], dim=1), pad, block_size // 2)
+                    new, cached = context, []
                 cache = KVCache(model, pad)
+            else:
+                cached.append(new)  # joined to the context only when the window slides, not at every step
             hidden = model.hidden(new, kv_cache=cache)
             cache.advance(new.size(1))
         else:
@@ -349,8 +323,9 @@ def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettin
             seen[rows, next_id] = True
         if pushed is not None:
             pushed.written(next_id.tolist())
-        context, pad = keep_last(torch.cat([context, next_id[:, None]], dim=1), pad, block_size)
         new = next_id[:, None]
+        if not use_cache:
+            context, pad = keep_last(torch.cat([context, new], dim=1), pad, block_size)
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -19,8 +19,14 @@ from slm.config import ModelConfig
 IGNORE_INDEX = -100  # target id that contributes no loss (PyTorch's and Hugging Face's default)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, not even called where it does nothing (evaluation, p = 0): a one-token decoding step is bound
+    by its number of calls, and nn.Dropout modules cost it two per block and one more, each returning its input."""
+    return F.dropout(x, p) if training and p else x
+
+
 class KVCache(Protocol):
-    """What attention needs from a key/value cache; generate.py owns the implementation."""
+    """What attention needs from a key/value cache; kv_cache.py owns the implementation."""
 
     position: int  # slots already cached (padding included), i.e. the slot of the first new token
 
@@ -29,12 +35,14 @@ class KVCache(Protocol):
         ...
 
     def positions(self, T: int) -> torch.Tensor:
-        """Position ids (B, T) of the T new tokens: each row counts from its own first real token."""
+        """Position ids (B, T) of the T new tokens, each row counting from its own first real token, or (1, T)
+        when every row counts alike; ValueError when they would not fit the cache's window."""
         ...
 
     def attention_mask(self, T: int) -> torch.Tensor | None:
-        """(B, 1, T, L) bool, True where a new token may attend, L = position + T; None when plain causal
-        attention over the T new tokens is right (nothing cached, no padding)."""
+        """(B, 1, T, L) bool over the L keys `update` returns, True where a new token may attend; None when
+        there is no padding and either nothing is cached (causal attention over the T new tokens) or T is 1
+        (the new token attends to every cached key and to itself)."""
         ...
 
 
@@ -46,20 +54,22 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        # One view, one permute and one unbind rather than a split and three view-transposes: a one-token
+        # decoding step is bound by the number of operations, not by their size (kv_cache.py).
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
         mask = None  # plain causal attention over the T new tokens
         if kv_cache is not None:
             mask = kv_cache.attention_mask(T)  # (B, 1, T, L): the cache knows what was cached and padded
             k, v = kv_cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # Without a mask one new token attends to every key: SDPA's is_causal would align it with the first.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -67,11 +77,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # tanh GELU is GPT-2's `gelu_new`; exact GELU would drift from Hugging Face by ~5e-4 per activation.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -169,7 +179,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
         ))
@@ -212,15 +221,15 @@ class GPT(nn.Module):
     def hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> the final layer norm's output (B, T, C), which the head turns into logits. Decoding
         needs the head at the last position only, and a compact head samples without full logits."""
-        B, T = idx.shape
-        start = kv_cache.position if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        T = idx.size(1)
         if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         else:
-            pos = kv_cache.positions(T)  # (B, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+            pos = kv_cache.positions(T)  # (B, T) or (1, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = dropout(x, self.config.dropout, self.training)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         return self.transformer.ln_f(x)
