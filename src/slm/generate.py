@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -141,23 +140,6 @@ def sample_next(logits: torch.Tensor, settings: SamplingSettings, generator: tor
     return draw(torch.softmax(top_p_filter(logits, settings.top_p), dim=-1), generator)
 
 
-_RARE_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head -> (key, rare ids, their log q)
-
-
-def rare_by_likelihood(head: CompactHead) -> tuple[torch.Tensor, torch.Tensor]:
-    """A compact head's rare ids (R,), likeliest first (ties: lowest id first), and their log q in the widest
-    float. Sorting ~46k ids took 3.5 ms, as long as five decoding steps of the cpu preset, so the order is kept
-    per head until its buffers change (in-place updates bump a tensor's _version, as for output_matrix)."""
-    key = tuple((t.data_ptr(), t._version) for t in (head.class_of, head.log_q))
-    cached = _RARE_ORDER.get(head)
-    if cached is None or cached[0] != key:
-        rare = (head.class_of == head.head_ids.numel()).nonzero().squeeze(1)  # ascending ids
-        log_q = head.log_q[rare].to(widest_float(rare.device))
-        order = torch.argsort(log_q, descending=True, stable=True)
-        cached = _RARE_ORDER[head] = key, rare[order], log_q[order]
-    return cached[1], cached[2]
-
-
 class CompactSampler:
     """Next ids from a compact head's distribution over every id without building its (B, V) logits: the
     class first, then, for "other", the rare id. It gives exactly sample_next's distribution over the
@@ -178,7 +160,8 @@ class CompactSampler:
     def __init__(self, head: CompactHead, settings: SamplingSettings, generator: torch.Generator | None) -> None:
         self.head, self.settings, self.generator = head, settings, generator
         self.K = head.head_ids.numel()
-        self.rare_ids, self.rare_log_q = rare_by_likelihood(head)  # (R,), likeliest first
+        self.rare_ids, rare_log_q = head.rare_by_likelihood()  # (R,), likeliest first
+        self.rare_log_q = rare_log_q.to(widest_float(rare_log_q.device))
         t = settings.temperature
         if t == 0:  # the likeliest rare id stands in for "other": its logit is c_other + its log q
             self.greedy_ids = torch.cat([head.head_ids, self.rare_ids[:1]])  # (K+1,)
