@@ -16,7 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from slm.config import resolve
-from slm.generate import SamplingSettings, decode
+from slm.generate import decode
+from slm.sampling import SamplingSettings
 from slm.model import GPT
 from slm.tokenizer import EOT_ID
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs, a tiny prepared data folder, a tiny trained run (in this process or as a
 `slm train` subprocess), the shared sample, and the one rule for skipping what CI must run."""
 
+import dataclasses
 import hashlib
 import random
 import json
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from slm.config import ModelConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never the network, whatever the shell says
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -179,3 +182,25 @@ def write_conversations(path, n, seed):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {name} and the {thing}."},
                                              {"role": "assistant", "content": f"{name} had a {thing}."}]}) + "\n")
     return path
+
+
+# A model small enough for exact decoding tests: 101 ids, a 24-token window that long outputs slide.
+CFG = ModelConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=32)
+
+
+def lively_model(vocab_head: int = 0):
+    """A random model whose greedy text varies: its matrices at ten times GPT-2's initial scale. At GPT-2's own
+    scale greedy text repeats one or two ids, and a repeated id cannot tell the right context from a wrong one."""
+    import torch
+
+    from slm.model import GPT
+
+    torch.manual_seed(1)
+    model = GPT(dataclasses.replace(CFG, vocab_head=vocab_head)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    if vocab_head:
+        model.lm_head.set_frequencies(torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5)))
+    return model

@@ -15,7 +15,7 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
 from slm.config import ModelConfig, resolve
 from slm.errors import SlmError
-from slm.generate import SamplingSettings
+from slm.sampling import SamplingSettings
 from slm.model import GPT, IGNORE_INDEX
 from slm.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer, vocab_files
 

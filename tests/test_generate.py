@@ -4,19 +4,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compact_model, tiny_config
+from conftest import CFG, compact_model, lively_model, tiny_config
 
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.cli import main
 from slm.config import ModelConfig
 from slm.errors import SlmError
-from slm.generate import (CompactSampler, SamplingSettings, complete, decode, draw, generate, make_picker,
-                          penalize_repetition, prompt_ids, sample_next, stream, top_k_filter, top_p_filter)
+from slm.batching import complete, stream
+from slm.generate import decode, generate, prompt_ids
+from slm.sampling import (CompactSampler, SamplingSettings, draw, make_picker, penalize_repetition, sample_next,
+                          top_k_filter, top_p_filter)
 from slm.kv_cache import KVCache
 from slm.model import GPT
 from slm.tokenizer import EOT_ID, StopText, get_tokenizer
 
-CFG = ModelConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=32)
 GPT2_CFG = ModelConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32)
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=15)
 
@@ -43,20 +44,6 @@ def trained(request, tiny_data, tmp_path_factory) -> Path:
     cfg = tiny_config(tiny_data, max_steps=60)
     start(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_head=request.param)), run)
     return run
-
-
-def lively_model(vocab_head: int = 0) -> GPT:
-    """A random model whose greedy text varies: its matrices at ten times GPT-2's initial scale. At GPT-2's own
-    scale greedy text repeats one or two ids, and a repeated id cannot tell the right context from a wrong one."""
-    torch.manual_seed(1)
-    model = GPT(dataclasses.replace(CFG, vocab_head=vocab_head)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    if vocab_head:
-        model.lm_head.set_frequencies(torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5)))
-    return model
 
 
 @pytest.mark.parametrize("vocab_head", [0, 10], ids=["full-head", "compact-head"])
@@ -530,7 +517,7 @@ def test_word_first_ids_are_the_first_ids_of_each_written_form_that_hold_the_wor
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, top_p=0.9)], ids=["greedy", "top-p"])
 def test_a_word_bias_writes_each_requested_word_once_then_lets_the_model_be(gpt2_model, sampling):
     from slm.constraints import word_first_ids
-    from slm.generate import complete
+    from slm.batching import complete
     from slm.tokenizer import get_tokenizer
 
     tok = get_tokenizer()  # gpt2_model is random: by itself it would never write these words

@@ -1,8 +1,6 @@
 """`slm serve`, driven by the official openai client and a real browser, over an in-process server."""
 
-import asyncio
 import importlib.util
-import itertools
 import json
 import shutil
 import threading
@@ -19,8 +17,9 @@ from conftest import skip_unless_ci  # noqa: E402
 from slm import chat  # noqa: E402
 from slm.checkpoint import checkpoint_dir, load_model  # noqa: E402
 from slm.cli import main  # noqa: E402
-from slm.generate import SamplingSettings, TextDelta, complete  # noqa: E402
-from slm.serve import Job, Worker, create_app  # noqa: E402
+from slm.batching import Engine, TextDelta, complete  # noqa: E402
+from slm.sampling import SamplingSettings  # noqa: E402
+from slm.serve import create_app  # noqa: E402
 from slm.serve_thread import serve_in_thread  # noqa: E402
 from slm.tokenizer import get_tokenizer  # noqa: E402
 
@@ -162,39 +161,29 @@ def test_a_short_request_is_answered_while_a_long_one_decodes(client, tiny_run):
     assert client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2).choices
 
 
-def test_requests_waiting_when_a_batch_starts_share_it_but_a_seeded_one_runs_alone(model, monkeypatch):
-    import slm.serve
+def test_a_request_joins_the_running_batch_and_its_greedy_text_is_the_same_as_alone(url, client, tiny_run, model,
+                                                                                  monkeypatch):
+    rows_per_step, step = [], Engine.step
 
-    engine, batches = slm.serve.stream, []
+    def counted(engine):
+        rows_per_step.append(len(engine.rows))
+        return step(engine)
 
-    def spy(model, tokenizer, prompts, settings, generator, words):
-        batches.append(len(prompts))
-        return engine(model, tokenizer, prompts, settings, generator, words)
-
-    monkeypatch.setattr(slm.serve, "stream", spy)
-    tokenizer = get_tokenizer()
-    worker = Worker(model, tokenizer, max_batch=8)
-    prompts = [tokenizer.encode(p) for p in ("Tom", "Lily had", "Sam liked the")]
-    settings = SamplingSettings(0.0, max_new_tokens=4)
-
-    async def text(job):
-        return "".join([delta.text async for delta in worker.results(job)])
-
-    async def run():
-        loop, deadline = asyncio.get_running_loop(), time.monotonic() + 600
-        jobs = [Job([ids], settings, None, loop, deadline) for ids in prompts] + \
-            [Job(prompts[:1] * 2, settings, 5, loop, deadline)]
-        for job in jobs:  # all in the inbox before the worker looks
-            worker.submit(job)
-        worker.start()
-        return await asyncio.gather(*map(text, jobs))
-
-    try:
-        texts = asyncio.run(run())
-    finally:
-        worker.stop()
-    assert batches == [3, 2]
-    assert texts[:3] == [complete(model, tokenizer, [ids], settings)[0].text for ids in prompts]
+    monkeypatch.setattr(Engine, "step", counted)
+    tokenizer = get_tokenizer()  # the server's too: with no end-of-text id, every row runs to its max_tokens
+    monkeypatch.setattr(type(tokenizer), "eot_id", property(lambda self: -1))
+    long = client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=4000, temperature=1.0,
+                                     top_p=0.9, stop=["zzz"], stream=True)
+    chunks = iter(long)
+    next(chunks)  # the long request is decoding
+    for prompt, seed in (("Lily had", None), ("Tell me", 3)):
+        joined = len(rows_per_step)
+        reply = client.completions.create(model=tiny_run.name, prompt=prompt, max_tokens=12, temperature=0,
+                                          seed=seed)
+        assert reply.choices[0].text == alone(model, tokenizer.encode(prompt), 12)
+        assert max(rows_per_step[joined:]) == 2  # it decoded beside the long one, not after it
+    assert next(chunks).choices[0].finish_reason is None  # and the long one decodes on
+    long.close()
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, url, tiny_run):
@@ -226,12 +215,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, url
 
 
 def test_a_failed_generation_is_a_server_error_and_the_server_goes_on(client, tiny_run, monkeypatch):
-    import slm.serve
-
     def broken(*args):
         raise RuntimeError("a bug in the engine")
 
-    monkeypatch.setattr(slm.serve, "stream", broken)
+    monkeypatch.setattr(Engine, "step", broken)
     with pytest.raises(openai.InternalServerError, match="generation failed"):
         client.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2)
     with pytest.raises(openai.APIError, match="generation failed"):  # the status went out before the failure
@@ -296,20 +283,24 @@ def test_serve_shows_examples_in_its_help(capsys):
 @pytest.fixture
 def endless(monkeypatch):
     """The engine swapped for one that never finishes a row (an "a" per step): a request then ends only by its
-    client leaving or its time limit. The event is set once the worker has dropped the batch."""
-    import slm.serve
+    client leaving or its time limit. The event is set once the worker has dropped every row."""
+    dropped, remove = threading.Event(), Engine.remove
 
-    dropped = threading.Event()
+    def step(engine):
+        time.sleep(0.01)  # a model's step takes time; this keeps the fake from flooding the queues
+        deltas = []
+        for row in engine.rows:
+            row.text.tokens += 1
+            deltas.append((row, TextDelta(0, "a", row.text.tokens)))
+        return deltas
 
-    def engine(model, tokenizer, prompts, settings, generator, words):
-        try:
-            for step in itertools.count(1):
-                time.sleep(0.01)  # a model's step takes time; this keeps the fake from flooding the queues
-                yield from (TextDelta(row, "a", step) for row in range(len(prompts)))
-        finally:
+    def remove_and_tell(engine, row):
+        remove(engine, row)
+        if not engine.rows:
             dropped.set()
 
-    monkeypatch.setattr(slm.serve, "stream", engine)
+    monkeypatch.setattr(Engine, "step", step)
+    monkeypatch.setattr(Engine, "remove", remove_and_tell)
     return dropped
 
 

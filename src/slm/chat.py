@@ -43,7 +43,8 @@ from slm.device import pick_device, pick_dtype
 from slm.distributed import World
 from slm.errors import SlmError
 from slm.constraints import request_words, word_first_ids
-from slm.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, make_generator, stream
+from slm.batching import stream
+from slm.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, make_generator
 from slm.model import GPT, IGNORE_INDEX
 from slm.runfiles import read_sampling
 from slm.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer

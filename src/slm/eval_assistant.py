@@ -34,7 +34,8 @@ from slm.config import add_checkpoint_choice, add_placement
 from slm.constraints import check, distinct_4grams, is_story, word_count, word_first_ids
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
-from slm.generate import DEFAULT_MAX_NEW_TOKENS, SamplingSettings, complete, make_generator
+from slm.batching import complete
+from slm.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingSettings, make_generator
 from slm.tokenizer import get_tokenizer
 
 CONSTRAINTS = ("words", "name", "starts", "ends", "dialogue", "length")

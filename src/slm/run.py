@@ -72,7 +72,7 @@ def assistant(source: str, out: Path, max_minutes: float, preset: str, force: bo
     from slm.errors import SlmError
     from slm.eval_assistant import read_prompts, score_run, table
     from slm.finetune import finetune
-    from slm.generate import SamplingSettings
+    from slm.sampling import SamplingSettings
     from slm.instructions import make_instructions
 
     if max_minutes <= 0:

@@ -18,20 +18,20 @@ drops its oldest turns first, as `slm chat` does (chat.fit_context; `usage.promp
 kept), and is refused only when the system message and the newest message alone do not fit. Every error is
 OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}, with a 4xx status for a client's mistake.
 
-Batching: one worker thread owns the model; request handlers put jobs on its inbox and await their text
-on an asyncio queue, so the event loop never waits for the model. When the worker starts a batch, it takes
-every waiting request with the same sampling settings (and no seed: a seeded request is decoded alone, so
-its text depends on its seed only) and decodes them together with generate.stream, each row streaming to
-its own request as its tokens arrive. A request arriving mid-decode does not join the running batch (the
-engine's KV cache cannot add rows); it starts a new batch at once, and the worker advances all running
-batches one step each in turn, so no request waits for another to finish. At most --max-batch rows decode
-at once; later requests wait in order.
+Batching (continuous): one worker thread owns the model and its running batch (batching.Engine); request
+handlers put jobs on its inbox and await their text on an asyncio queue, so the event loop never waits for
+the model. Between two decoding steps the worker admits waiting requests while rows are free: a request
+arriving mid-decode joins the running batch at the next step, each row with its own sampling settings,
+stop strings, max_tokens and seed (choice i of a request with `seed` samples with seed + i, on its own
+generator, so its text does not depend on what else is decoding). A row that finishes, or whose request has
+gone, leaves the batch at once and frees its slot. At most --max-batch rows decode at once; later requests
+wait in arrival order.
 
 Limits (serve_requests.py; flags of `slm serve`): a request asks for at most --max-batch rows and
 --max-tokens per row, a chat has at most --max-messages messages, a body at most --max-body-bytes; past
 --max-waiting rows waiting, a request is refused with 429 and Retry-After. --request-timeout after it is
 queued, a request's rows still decoding end with "length"; when its client disconnects, streaming or not,
-its rows stop decoding (a batch shared with other requests decodes on for them).
+its rows leave the running batch at the next step.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Generator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -72,7 +72,8 @@ from slm.checkpoint import checkpoint_dir, load_model
 from slm.config import add_checkpoint_choice, add_placement
 from slm.device import pick_device, pick_dtype
 from slm.constraints import Words, word_first_ids
-from slm.generate import SamplingSettings, TextDelta, make_generator, stream
+from slm.batching import Engine, TextDelta
+from slm.sampling import SamplingSettings
 from slm.model import GPT
 from slm.runfiles import read_sampling
 from slm.serve_requests import (ApiError, BodyLimit, ChatRequest, CompletionRequest, Limits, Sampling, busy,
@@ -108,35 +109,13 @@ class Job:
         return self.cancelled or time.monotonic() >= self.deadline
 
 
-class Batch:
-    """Several jobs decoded as one batch by generate.stream."""
-
-    def __init__(self, jobs: list[Job], deltas: Generator[TextDelta, None, None]) -> None:
-        self.jobs, self.deltas = jobs, deltas
-        self.rows = [(job, choice) for job in jobs for choice in range(len(job.prompts))]
-        self.steps = 0  # decoding steps the engine has run; every row has generated this many ids
-
-    def step(self) -> bool:
-        """Run one decoding step, sending each delta to its job; False once every row has finished or every
-        job has left. A step's deltas are sent as they come: the rest of the last step's, then the new one's."""
-        if all(job.gone() for job in self.jobs):
-            self.deltas.close()  # the engine stops now and frees its cache, not whenever the batch is collected
-            return False
-        for delta in self.deltas:
-            job, choice = self.rows[delta.row]
-            if not job.gone():  # its rows decode on for the batch's other jobs, but nobody reads them
-                job.send(dataclasses.replace(delta, row=choice))
-            if delta.tokens > self.steps:  # the first delta of a new step: the engine has just run it
-                self.steps = delta.tokens
-                return True
-        return False
-
-
 class Worker:
-    """The thread that owns the model: it starts batches from the jobs waiting and steps the running ones."""
+    """The thread that owns the model and its running batch (batching.Engine): between two decoding steps it
+    drops the rows of requests gone, admits waiting requests while rows are free, and sends each delta to
+    its request."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.engine = Engine(model, tokenizer, max_batch)
         self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # None asks the thread to end
         self.thread = threading.Thread(target=self._run, name="slm-serve-worker", daemon=True)
 
@@ -178,51 +157,46 @@ class Worker:
             job.cancelled = True
 
     def _run(self) -> None:
-        running: list[Batch] = []
-        waiting: collections.deque[Job] = collections.deque()
+        engine, waiting = self.engine, collections.deque()
         while True:
             # Idle, sleep until a request comes; busy, take what arrived during the last step without waiting.
-            arrived = [self.inbox.get()] if not running and not waiting else []
+            arrived = [self.inbox.get()] if not engine.rows and not waiting else []
             while not self.inbox.empty():
                 arrived.append(self.inbox.get())
             if None in arrived:
                 return
             waiting = collections.deque(job for job in [*waiting, *arrived] if not job.gone())  # some left waiting
-            free = self.max_batch - sum(len(batch.rows) for batch in running)
-            while waiting and len(waiting[0].prompts) <= free:  # in arrival order, so a big request is not starved
-                jobs = self._take_batch(waiting, free)
-                free -= sum(len(job.prompts) for job in jobs)
-                if batch := self._guard(jobs, self._start, jobs):
-                    running.append(batch)
-            running = [batch for batch in running if self._guard(batch.jobs, batch.step)]
+            for row in [row for row in engine.rows if row.owner[0].gone()]:
+                engine.remove(row)
+            # In arrival order, so a request asking for many rows is not starved by later, smaller ones.
+            while waiting and len(waiting[0].prompts) <= engine.max_rows - len(engine.rows):
+                self._guard(self._admit, waiting.popleft())
+            if engine.rows:
+                self._guard(self._step)
 
-    @staticmethod
-    def _take_batch(waiting: collections.deque[Job], free: int) -> list[Job]:
-        """The first waiting job and, unless it is seeded, the later ones with the same settings that fit."""
-        jobs = [waiting.popleft()]
-        rows = len(jobs[0].prompts)
-        for job in list(waiting) if jobs[0].seed is None else []:
-            if job.seed is None and job.settings == jobs[0].settings and rows + len(job.prompts) <= free:
-                waiting.remove(job)
-                jobs.append(job)
-                rows += len(job.prompts)
-        return jobs
+    def _admit(self, job: Job) -> None:
+        """The job's rows join the running batch. Choice i of a seeded request samples with seed + i, on a
+        generator of its own, so its text is the same whatever else is decoding."""
+        for choice, ids in enumerate(job.prompts):
+            seed = None if job.seed is None else (job.seed + choice) % 2**64
+            self.engine.add(ids, job.settings, seed, job.words[choice] if job.words else None, (job, choice))
 
-    def _start(self, jobs: list[Job]) -> Batch:
-        prompts = [ids for job in jobs for ids in job.prompts]
-        words = [w for job in jobs for w in (job.words or [[]] * len(job.prompts))]
-        generator = make_generator(self.model.transformer.wte.weight.device, jobs[0].seed)
-        return Batch(jobs, stream(self.model, self.tokenizer, prompts, jobs[0].settings, generator, words))
+    def _step(self) -> None:
+        for row, delta in self.engine.step():
+            job, choice = row.owner
+            if not job.gone():
+                job.send(dataclasses.replace(delta, row=choice))
 
-    def _guard(self, jobs: list[Job], call, *args):
-        """call(*args); an exception (a bug: requests are checked before they get here) fails these jobs only."""
+    def _guard(self, call, *args) -> None:
+        """call(*args); an exception (a bug: requests are checked before they get here) fails the jobs with
+        rows in the batch, or the one being admitted, and empties the batch."""
         try:
-            return call(*args)
+            call(*args)
         except Exception as err:
             log.exception("generation failed")
-            for job in jobs:
+            for job in {row.owner[0] for row in self.engine.rows} | set(args):
                 job.send(err)
-            return None
+            self.engine.rows.clear()
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------

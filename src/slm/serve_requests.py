@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
 from slm.errors import SlmError
-from slm.generate import MAX_NEW_TOKENS
+from slm.sampling import MAX_NEW_TOKENS
 
 MAX_STOPS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
