@@ -14,7 +14,7 @@ from slm.batching import complete, stream
 from slm.generate import decode, generate, prompt_ids
 from slm.sampling import (CompactSampler, SamplingSettings, draw, make_picker, penalize_repetition, sample_next,
                           top_k_filter, top_p_filter)
-from slm.kv_cache import KVCache
+from slm.kv_cache import SlotCache
 from slm.model import GPT
 from slm.tokenizer import EOT_ID, StopText, get_tokenizer
 
@@ -65,11 +65,10 @@ def test_the_cached_greedy_pick_equals_the_recomputed_one_at_every_position_of_a
     ids = get_tokenizer().encode("Once upon a time, there was a little girl named Lily. She liked to play with "
                                  "her red ball in the park. One day, she saw a big dog.")[:cfg.model.block_size]
     pick = make_picker(model, SamplingSettings(temperature=0), None, seen=None)
-    cache, picks = KVCache(model, pad=[0]), []
+    cache, picks = SlotCache(model, rows=1), []
     with torch.no_grad():
         for t in range(len(ids)):
-            fast = pick(model.hidden(torch.tensor([ids[t:t + 1]]), kv_cache=cache)[:, -1])
-            cache.advance(1)
+            fast = pick(model.hidden(torch.tensor([ids[t:t + 1]]), kv_cache=cache.step([t]))[:, -1])
             slow = pick(model.hidden(torch.tensor([ids[:t + 1]]))[:, -1])
             assert fast == slow, t
             picks.append(slow.item())
@@ -79,13 +78,11 @@ def test_the_cached_greedy_pick_equals_the_recomputed_one_at_every_position_of_a
 def test_cached_logits_match_full_forward_within_1e_5(model):
     ids = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(2))
     full, _ = model(ids)
-    cache = KVCache(model, pad=[0, 0])
-    prefill, _ = model(ids[:, :8], kv_cache=cache)
-    cache.advance(8)
+    cache = SlotCache(model, rows=2)
+    prefill, _ = model(ids[:, :8], kv_cache=cache.prefill([0, 1]))
     steps = [prefill]
     for t in range(8, 20):
-        logits, _ = model(ids[:, t:t + 1], kv_cache=cache)
-        cache.advance(1)
+        logits, _ = model(ids[:, t:t + 1], kv_cache=cache.step([t, t]))
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
@@ -180,38 +177,39 @@ def test_a_left_padded_batch_decodes_each_row_as_its_prompt_alone_without_cache(
         assert batch[row].tolist() == alone.tolist()
 
 
-def test_a_left_padded_batch_gives_each_row_its_own_logits_within_1e_5(model):
-    width = max(map(len, PROMPTS))
-    pad = [width - len(p) for p in PROMPTS]
-    cache = KVCache(model, pad)
-    new = torch.tensor([[0] * n + p for n, p in zip(pad, PROMPTS)])
+def test_rows_of_different_lengths_in_one_step_each_get_their_own_logits_within_1e_5(model):
+    cache = SlotCache(model, rows=len(PROMPTS))
     contexts = [list(p) for p in PROMPTS]
-    for _ in range(6):  # the prefill, then one id at a time
-        logits, _ = model(new, kv_cache=cache)
-        cache.advance(new.size(1))
+    last = [model(torch.tensor([p]), kv_cache=cache.prefill([row]))[0][0, -1] for row, p in enumerate(PROMPTS)]
+    for _ in range(5):  # one id at a time, each row at its own position, under a mask
+        new = torch.stack(last).argmax(dim=-1, keepdim=True)
+        step = cache.step([len(context) for context in contexts])
+        for context, next_id in zip(contexts, new[:, 0].tolist()):
+            context.append(next_id)
+        logits, _ = model(new, kv_cache=step)
+        last = list(logits[:, -1])
         for row, context in enumerate(contexts):
             alone, _ = model(torch.tensor([context]))
             torch.testing.assert_close(logits[row, -1], alone[0, -1], atol=1e-5, rtol=0)
-        new = logits[:, -1].argmax(dim=-1, keepdim=True)
-        for context, next_id in zip(contexts, new[:, 0].tolist()):
-            context.append(next_id)
 
 
-def test_a_padded_batch_slides_its_window_and_keeps_going(model):
+def test_a_batch_of_different_lengths_slides_its_windows_and_keeps_going(model):
     steps = list(decode(model, PROMPTS, SamplingSettings(temperature=0, max_new_tokens=3 * CFG.block_size)))
     assert len(steps) == 3 * CFG.block_size and all(ids.shape == (3,) for ids in steps)
 
 
-@pytest.mark.parametrize("prompts", [[[5, 17, 3]], PROMPTS], ids=["one-row", "padded-batch"])
+@pytest.mark.parametrize("prompts", [[[5, 17, 3]], PROMPTS], ids=["one-row", "three-lengths"])
 def test_a_full_window_slides_to_its_newest_half_and_decodes_as_recompute_from_there(prompts):
     model, block = lively_model(), CFG.block_size
-    first = block - max(map(len, prompts)) + 1  # ids each row gets before the window is full
-    second = block - block // 2 + 1  # and then, from the newest half
-    ids = torch.stack(list(decode(model, prompts, SamplingSettings(temperature=0, max_new_tokens=first + second))), 1)
+    second = block - block // 2 + 1  # ids a row gets from its newest half until the window is full again
+    steps = block - min(map(len, prompts)) + 1 + second
+    ids = torch.stack(list(decode(model, prompts, SamplingSettings(temperature=0, max_new_tokens=steps))), 1)
     for prompt, row in zip(prompts, ids.tolist()):
+        first = block - len(prompt) + 1  # ids this row gets before its window is full
         context = torch.tensor([(prompt + row[:first])[-(block // 2):]])
-        assert row[first:] == generate(model, context, second, temperature=0, use_cache=False)[0, block // 2:].tolist()
-        assert len(set(row[first:])) > 3
+        expected = generate(model, context, second, temperature=0, use_cache=False)[0, block // 2:].tolist()
+        assert row[first:first + second] == expected
+        assert len(set(row[first:first + second])) > 3
 
 
 def test_full_recompute_refuses_prompts_of_different_lengths_and_empty_prompts_are_errors(model):

@@ -76,7 +76,7 @@ class Sequence:
 
     context: list[int]  # the ids its cache holds, then next_id: the prompt's last block_size ids and new ones
     settings: SamplingSettings
-    text: RowText
+    text: RowText | None  # None for ids alone (generate.decode): the row ends after max_new_tokens
     owner: Any  # what the caller ties the row to (slm serve: the request and the choice)
     group: Any = None  # rows of one group are picked by one call: its settings' picking part, or the row itself
     pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # its own picker, when its group is itself
@@ -84,10 +84,11 @@ class Sequence:
     pushed: WordBias | None = None  # its requested words' logit bias
     cached: int = 0  # ids of `context` in its slot; 0 until prefilled
     next_id: int | None = None  # picked, not yet fed
+    generated: int = 0
 
     @property
     def finished(self) -> bool:
-        return self.text.finished
+        return self.text.finished if self.text else self.generated == self.settings.max_new_tokens
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Engine:
     """Up to max_rows sequences decoding together over one SlotCache; rows[i] holds slot i."""
 
     model: GPT
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: rows of ids alone, no text
     max_rows: int
     generator: torch.Generator | None = None  # the unseeded rows' draws; None: seeded from the OS
     rows: list[Sequence] = field(default_factory=list)
@@ -115,7 +116,8 @@ class Engine:
             raise SlmError("every prompt needs at least one token; end-of-text alone starts a new document")
         if len(self.rows) == self.max_rows:
             raise ValueError(f"the running batch is full ({self.max_rows} rows)")
-        row = Sequence(prompt[-self.model.config.block_size:], settings, RowText(self.tokenizer, settings), owner)
+        text = RowText(self.tokenizer, settings) if self.tokenizer else None
+        row = Sequence(prompt[-self.model.config.block_size:], settings, text, owner)
         vocab_size = self.model.config.vocab_size
         if settings.repetition_penalty != 1:
             row.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=self.device)
@@ -166,11 +168,12 @@ class Engine:
         deltas = []
         for row, next_id in zip(ordered, next_ids):
             row.next_id = next_id
+            row.generated += 1
             if row.seen is not None:
                 row.seen[0, next_id] = True
             if row.pushed is not None:
                 row.pushed.written([next_id])
-            if delta := row.text.add(0, next_id):
+            if row.text and (delta := row.text.add(0, next_id)):
                 deltas.append((row, delta))
         for row in [row for row in self.rows if row.finished]:
             self.remove(row)

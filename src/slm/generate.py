@@ -1,17 +1,15 @@
 """Decoding ids, and `slm generate`.
 
-`decode` yields the next ids of a batch of prompts of any lengths, every row running to max_new_tokens: they
-are left-padded into one batch, and the KV cache (kv_cache.KVCache) masks the padding and counts each row's
-positions from its first real token, so a row gets the same ids as its prompt decoded alone. Text (stop
-strings, end-of-text, streaming) is batching.py's: its engine serves `slm generate`, chat, the server and the
-samples printed in training.
+`decode` yields the next ids of a batch of prompts of any lengths, every row running to max_new_tokens:
+cached, it reads them off batching.Engine's rows (each decodes as its prompt would alone); text (stop
+strings, end-of-text, streaming) is batching.stream's, which serves `slm generate`, chat, the server and
+the samples printed in training.
 
 `decode(..., use_cache=False)` recomputes the whole context every step: slow and obviously correct, it is the
-reference the cached paths are tested against. When the context window fills, the window slides: the
-recompute path keeps the last block_size tokens; the cached path refills its cache with the newest
-block_size // 2 slots (absolute position embeddings cannot be shifted in place), so both agree exactly
-while everything fits in one window. A batch slides together, when its longest row fills the window; a
-shorter row then keeps its newest block_size // 2 tokens too, or all of them if it has fewer.
+reference the cached path is tested against. When a row's context window fills, the window slides: the
+recompute path keeps the last block_size tokens; the cached path refills the row's cache with its newest
+block_size // 2 ids (absolute position embeddings cannot be shifted in place), so both agree exactly while
+everything fits in one window.
 """
 
 from __future__ import annotations
@@ -22,11 +20,10 @@ from collections.abc import Iterator
 
 import torch
 
-from slm.batching import complete, stream
+from slm.batching import Engine, complete, stream
 from slm.config import add_checkpoint_choice, add_placement
 from slm.constraints import Words
 from slm.errors import SlmError
-from slm.kv_cache import KVCache
 from slm.model import GPT
 from slm.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, WordBias, make_generator,
                           make_picker)
@@ -34,37 +31,38 @@ from slm.tokenizer import Tokenizer
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
 
-def keep_last(context: torch.Tensor, pad: list[int], width: int) -> tuple[torch.Tensor, list[int]]:
-    """The newest `width` columns of a left-padded batch (B, L), and the padding left in each row."""
-    cut = max(0, context.size(1) - width)
-    return context[:, cut:], [max(0, n - cut) for n in pad]
-
-
 def decode(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
            generator: torch.Generator | None = None, use_cache: bool = True,
            words: list[Words] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) of every row, settings.max_new_tokens times, after prompts of any lengths; every
-    row runs to the end (stop strings and end-of-text are `stream`'s business). `words`: each row's requested
-    words (word_first_ids), pushed by settings.word_bias. The settings and prompts are checked on the call,
-    before the first step is asked for. Full recompute takes prompts of one length."""
+    row runs to the end (stop strings and end-of-text are text's business: batching.stream). `words`: each
+    row's requested words (word_first_ids), pushed by settings.word_bias. The settings and prompts are checked
+    on the call, before the first step is asked for. Full recompute takes prompts of one length."""
     settings.check(model.config.vocab_size)
     if not prompts or not all(prompts):
         raise SlmError("every prompt needs at least one token; end-of-text alone starts a new document")
-    if not use_cache and len({len(p) for p in prompts}) > 1:
+    if use_cache:
+        return _cached_steps(model, prompts, settings, generator, words)
+    if len({len(p) for p in prompts}) > 1:
         raise ValueError("full recompute has no padding mask: give it prompts of one length")
-    return _decode_steps(model, prompts, settings, generator, use_cache, words)
+    return _recomputed_steps(model, prompts, settings, generator, words)
+
+
+def _cached_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
+                  generator: torch.Generator | None, words: list[Words] | None) -> Iterator[torch.Tensor]:
+    """The engine's rows without text, read one id each per step."""
+    engine = Engine(model, None, len(prompts), generator)
+    rows = [engine.add(ids, settings, words=words[row] if words else None) for row, ids in enumerate(prompts)]
+    while engine.rows:
+        engine.step()
+        yield torch.tensor([row.next_id for row in rows])
 
 
 @torch.no_grad()
-def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
-                  generator: torch.Generator | None, use_cache: bool,
-                  words: list[Words] | None) -> Iterator[torch.Tensor]:
+def _recomputed_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
+                      generator: torch.Generator | None, words: list[Words] | None) -> Iterator[torch.Tensor]:
     block_size, device = model.config.block_size, model.transformer.wte.weight.device
-    width = max(len(p) for p in prompts)
-    pad = [width - len(p) for p in prompts]
-    # Left padding puts every row's newest id in the last column; the pad id (0) is never attended to.
-    context = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)], device=device)  # (B, width)
-    context, pad = keep_last(context, pad, block_size)  # a prompt longer than the window keeps its end
+    context = torch.tensor(prompts, device=device)[:, -block_size:]  # (B, T): its newest block_size ids
     rows = torch.arange(len(prompts), device=device)
     seen = None  # (B, V): every id of the prompt and the output so far, for the repetition penalty
     if settings.repetition_penalty != 1:
@@ -75,29 +73,14 @@ def _decode_steps(model: GPT, prompts: list[list[int]], settings: SamplingSettin
     if words and settings.word_bias and any(words):
         pushed = WordBias(words, settings.word_bias, model.config.vocab_size, device)
     pick = make_picker(model, settings, generator, seen, pushed.bias if pushed else None)
-    cache, new, cached = None, context, []  # cached: the ids (B, 1) the cache holds beyond `context`
     for _ in range(settings.max_new_tokens):
-        if use_cache:
-            if cache is None or cache.position == block_size:
-                if cache is not None:  # the window is full: slide it, keeping the newest half
-                    context, pad = keep_last(torch.cat([context, *cached, new], dim=1), pad, block_size // 2)
-                    new, cached = context, []
-                cache = KVCache(model, pad)
-            else:
-                cached.append(new)  # joined to the context only when the window slides, not at every step
-            hidden = model.hidden(new, kv_cache=cache)
-            cache.advance(new.size(1))
-        else:
-            hidden = model.hidden(context)
-        next_id = pick(hidden[:, -1])  # (B,)
+        next_id = pick(model.hidden(context)[:, -1])  # (B,)
         yield next_id
         if seen is not None:
             seen[rows, next_id] = True
         if pushed is not None:
             pushed.written(next_id.tolist())
-        new = next_id[:, None]
-        if not use_cache:
-            context, pad = keep_last(torch.cat([context, new], dim=1), pad, block_size)
+        context = torch.cat([context, next_id[:, None]], dim=1)[:, -block_size:]
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

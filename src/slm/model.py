@@ -28,21 +28,19 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class KVCache(Protocol):
     """What attention needs from a key/value cache; kv_cache.py owns the implementation."""
 
-    position: int  # slots already cached (padding included), i.e. the slot of the first new token
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's (B, H, T, D) keys and values; return all cached ones (B, H, L, D)."""
         ...
 
     def positions(self, T: int) -> torch.Tensor:
-        """Position ids (B, T) of the T new tokens, each row counting from its own first real token, or (1, T)
-        when every row counts alike; ValueError when they would not fit the cache's window."""
+        """Position ids (B, T) of the T new tokens, each row at its own length, or (1, T) when every row counts
+        alike."""
         ...
 
     def attention_mask(self, T: int) -> torch.Tensor | None:
         """(B, 1, T, L) bool over the L keys `update` returns, True where a new token may attend; None when
-        there is no padding and either nothing is cached (causal attention over the T new tokens) or T is 1
-        (the new token attends to every cached key and to itself)."""
+        either nothing is cached (causal attention over the T new tokens) or T is 1 and every row is at one
+        length (each new token attends to every key and to itself)."""
         ...
 
 
