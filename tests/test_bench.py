@@ -170,3 +170,41 @@ def test_mfu_is_training_flops_over_the_gpus_dense_bf16_peak_and_printed_under_i
               "peak_memory_kind": "CUDA max allocated", "peak_memory_mb": 1.0}
     printed = [line for line in bench.table(result).splitlines() if "MFU" in line]
     assert printed == [] if peak is None else len(printed) == 1 and printed[0].endswith(f" {100 * mfu:.1f} %")
+
+
+def test_bench_optimizers_reports_steps_and_minutes_to_the_target_loss_for_each_optimizer(tmp_path, tiny_data,
+                                                                                         capsys):
+    argv = ["bench", "optimizers", "--preset", "tiny", "--data", str(tiny_data), "--target-loss", "10",
+            "--max-steps", "20", "--eval-interval", "5", "--eval-batches", "2", "--device", "cpu", "--save",
+            "--results-dir", str(tmp_path)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    [saved] = tmp_path.iterdir()
+    assert saved.name.endswith("-tiny-cpu-optimizers.json")
+    result = json.loads(saved.read_text())["optimizers"]
+    assert result["target_loss"] == 10 and [row["optimizer"] for row in result["rows"]] == ["adamw", "muon"]
+    for row in result["rows"]:
+        steps, val_losses, _ = zip(*row["evaluations"])
+        assert steps == (5, 10, 15, 20) and row["steps"] == 20 and row["final_val_loss"] == val_losses[-1]
+        assert row["steps_to_target"] == next(s for s, loss in zip(steps, val_losses) if loss <= 10)
+        assert row["minutes_to_target"] > 0 and row["tokens_per_s"] > 0
+        assert re.search(rf"^  {row['optimizer']} +{row['steps_to_target']} +\d+\.\d\d +\d+\.\d{{4}} +20 ", table,
+                         re.MULTILINE), table
+
+
+def test_the_optimizers_table_says_when_a_target_was_not_reached():
+    from slm.bench import optimizers_table
+
+    row = {"optimizer": "muon", "steps_to_target": None, "minutes_to_target": None, "final_val_loss": 3.5,
+           "steps": 700, "tokens_per_s": 9000.0}
+    lines = optimizers_table({"target_loss": 3.0, "data": "d", "max_minutes": 2.0, "max_steps": 10**5,
+                              "eval_interval": 100, "rows": [row]}, "cpu")
+    assert "2 minutes each" in lines[0] and "steps to 3" in lines[1]
+    assert lines[2].split() == ["muon", "not", "reached", "-", "3.5000", "700", "9,000"]
+
+
+@pytest.mark.parametrize("argv", [["--target-loss", "3"], ["--data", "d"], ["--data", "d", "--target-loss", "-1"]])
+def test_bench_optimizers_without_data_or_a_positive_target_is_a_one_line_error(argv, capsys):
+    assert main(["bench", "optimizers", "--preset", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slm: error: slm bench optimizers needs --data DIR") and err.count("\n") == 1

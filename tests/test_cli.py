@@ -5,7 +5,7 @@ import pytest
 
 from slm.cli import COMMANDS, main, parse_args
 from slm.errors import SlmError
-from slm.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from slm.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 
 
 def test_slm_help_lists_every_command_without_importing_torch():
@@ -57,6 +57,8 @@ def test_subcommand_usage_errors_are_one_line(capsys):
     (["train", "--out", "R", "--data", "nowhere"], "not a prepared data folder"),
     (["train", "--out", "R", "--data", "d", "--n-embd", "30", "--n-head", "4"], "divisible by --n-head"),
     (["train", "--out", "R", "--data", "d", "--batch-size", "-1"], "--batch-size must be positive"),
+    (["train", "--out", "R", "--data", "d", "--optimizer", "sgd"], "--optimizer must be one of adamw, muon"),
+    (["train", "--out", "R", "--data", "d", "--muon-learning-rate", "-0.02"], "--muon-learning-rate must be positive"),
     (["train", "--out", "R", "--config", "missing.toml"], "does not exist"),
 ])
 def test_bad_training_input_is_one_line_on_stderr_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):

@@ -70,6 +70,14 @@ def test_finetune_settings_come_from_the_base_run_with_finetune_defaults_and_fla
     assert finetune_config(base, {"learning_rate": 1e-2, "min_learning_rate": 0.0}).train.min_learning_rate == 0.0
 
 
+def test_a_finetune_keeps_the_base_runs_optimizer_and_lowers_muons_peak_as_adamws():
+    base = resolve("cpu", flags={"train": {"optimizer": "muon", "muon_learning_rate": 5e-3}})
+    cfg = finetune_config(base, {})
+    assert (cfg.train.optimizer, cfg.train.learning_rate, cfg.train.muon_learning_rate) == ("muon", 3e-4, 3e-4)
+    assert finetune_config(base, {"optimizer": "adamw"}).train.optimizer == "adamw"
+    assert finetune_config(resolve("cpu"), {}).train.optimizer == "adamw"
+
+
 def test_the_finetune_command_takes_train_flags_but_its_own_data_flag():
     args = parse_args(["finetune", "R", "--data", "chat.jsonl", "--out", "O", "--max-steps", "5",
                        "--learning-rate", "1e-4"])

@@ -1,6 +1,7 @@
 """The CUDA path, which the CPU suite cannot take: bf16 and fp16 autocast (fp16 with the grad scaler), fused
-AdamW, torch.compile (on by default on CUDA) and FSDP + compile under torchrun, each a few steps of the tiny
-preset in a fresh `slm train` process. Skipped without CUDA; benchmarks/gpu_check.sh runs them on a GPU."""
+AdamW, torch.compile (on by default on CUDA), FSDP + compile under torchrun, and Muon with fp16 and with
+FSDP, each a few steps of the tiny preset in a fresh `slm train` process. Skipped without CUDA;
+benchmarks/gpu_check.sh runs them on a GPU."""
 
 import math
 
@@ -21,6 +22,9 @@ SETTINGS = {  # conftest.train's flags on top of its 12 tiny steps, by run name
     "defaults": ["--dtype", "auto", "--compile", "auto", "--sample-tokens", "8"],
     # The README's FSDP command on one process: torchrun, sharded even so, compiled by default.
     "fsdp": ["--dtype", "auto", "--compile", "auto", "--sample-tokens", "8", "--nproc", "1", "--fsdp"],
+    # Muon beside AdamW: the fp16 grad scaler unscales and steps each; and sharded and compiled, as by default.
+    "muon-float16": ["--dtype", "float16", "--compile", "off", "--optimizer", "muon"],
+    "muon-fsdp": ["--dtype", "auto", "--compile", "auto", "--nproc", "1", "--fsdp", "--optimizer", "muon"],
 }
 
 
@@ -98,3 +102,10 @@ def test_fsdp_with_compile_under_torchrun_saves_checkpoints_that_load(cuda_run):
     check_trained(folder / "run")
     unsharded = cuda_run("defaults") / "run"
     assert losses(folder / "run", "loss") == pytest.approx(losses(unsharded, "loss"), rel=BF16_RUNS_AGREE)
+
+
+@pytest.mark.parametrize("name", ["muon-float16", "muon-fsdp"])
+def test_muon_trains_on_cuda_under_the_fp16_grad_scaler_and_sharded_with_compile(cuda_run, name):
+    check_trained(cuda_run(name) / "run")
+    groups = load_trainer_state(cuda_run(name) / "run" / "last")["optimizer"]["param_groups"]
+    assert any("momentum" in group for group in groups)  # Muon's group, saved beside AdamW's

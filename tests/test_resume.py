@@ -56,18 +56,22 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_a_random_step_and_resumed_ends_bit_identical(tmp_path, tiny_data, auto_resolution):
+# Muon's state is a momentum buffer per matrix, AdamW's two moments and a step count: each must come back.
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_run_killed_at_a_random_step_and_resumed_ends_bit_identical(tmp_path, tiny_data, auto_resolution,
+                                                                      optimizer):
     reference = tmp_path / "reference"
-    result = subprocess.run(slm(*train_args(tiny_data, reference)), check=True, capture_output=True, text=True)
+    args = ["--optimizer", optimizer]
+    result = subprocess.run(slm(*train_args(tiny_data, reference, *args)), check=True, capture_output=True, text=True)
     assert f"device cpu, {auto_resolution}" in result.stderr  # --dtype auto, as the fixture resolves it
 
     kill_at = random.randint(8, 36)  # anywhere, a checkpoint write included: one happens every 5 steps
     run = tmp_path / "killed"
-    process = subprocess.Popen(slm(*train_args(tiny_data, run)), stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(slm(*train_args(tiny_data, run, *args)), stderr=subprocess.DEVNULL)
     wait_for_step(run, kill_at, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    subprocess.run(slm(*train_args(tiny_data, run, "--resume")), check=True, capture_output=True)
+    subprocess.run(slm(*train_args(tiny_data, run, *args, "--resume")), check=True, capture_output=True)
 
     assert_same_weights(reference, run)
     assert step_losses(run) == step_losses(reference), f"killed at step {kill_at}"

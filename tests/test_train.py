@@ -8,8 +8,8 @@ from conftest import tiny_config
 from slm import runfiles
 from slm.config import ModelConfig, TrainConfig
 from slm.model import GPT
-from slm.train import (TrainState, accumulate, build_optimizer, expected_steps, learning_rate, start, step_optimizer,
-                       total_steps)
+from slm.optim import build_optimizers
+from slm.train import TrainState, accumulate, expected_steps, learning_rate, start, step_optimizer, total_steps
 
 SCHEDULE = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=110)
 
@@ -78,16 +78,9 @@ def test_gradients_are_clipped_after_unscaling_under_fp16():
     accumulate(model, [(x, x)], torch.device("cpu"), torch.float32, scaler)
     accumulate(plain, [(x, x)], torch.device("cpu"), torch.float32, torch.amp.GradScaler("cpu", enabled=False))
     true_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), math.inf).item()
-    optimizer = build_optimizer(model, TrainConfig(), torch.device("cpu"))
-    norm = step_optimizer(model, optimizer, scaler, grad_clip=1e-3)
+    optimizers = build_optimizers(model, TrainConfig(), torch.device("cpu"))
+    norm = step_optimizer(model, optimizers, scaler, grad_clip=1e-3)
     assert norm == pytest.approx(true_norm, rel=1e-4)  # not 4096 times larger
-
-
-def test_weight_decay_applies_to_matrices_only():
-    model = GPT(ModelConfig(vocab_size=101, block_size=8, n_layer=1, n_head=2, n_embd=16))
-    decayed, plain = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu")).param_groups
-    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
-    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
 
 
 def read_metrics(run):
@@ -140,3 +133,16 @@ def test_a_compact_head_run_learns_and_its_model_generates(tmp_path, tiny_data, 
     assert "most frequent ids cover" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "run"), "--prompt", "Tom", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("Tom")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_a_muon_run_learns_and_warns_where_the_cpu_emulates_bf16(tmp_path, tiny_data, capsys, monkeypatch,
+                                                                 native_bf16):
+    from slm import train
+
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: native_bf16)
+    start(tiny_config(tiny_data, max_steps=12, eval_interval=6, optimizer="muon"), tmp_path / "run")
+    evals = [r["val_loss"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert evals[-1] < evals[0]
+    warned = "warning: Muon orthogonalises in bfloat16, which this CPU emulates" in capsys.readouterr().err
+    assert warned is not native_bf16

@@ -7,7 +7,9 @@ train.py's steps on synthetic tokens, warm-up excluded; on a known GPU also as M
 of the preset's model with the KV cache and with full recompute at batch 1 and 8 (through generate.py's
 engine), and greedy at batch 1 beside llama.cpp's on the same model exported to GGUF (where llama-cpp-python
 is installed); and peak memory.
-`slm bench nanogpt` (or prepare, train, generate) measures one part alone. The numbers are printed and, with
+`slm bench nanogpt` (or prepare, train, generate) measures one part alone. `slm bench optimizers` is not a
+speed figure: it trains the preset on prepared data once per optimizer (the same seed, data and budget) and
+reports the steps and minutes each took to reach a validation loss. The numbers are printed and, with
 --save, recorded with the machine; tests check that they appear, never how large they are.
 """
 
@@ -31,18 +33,20 @@ import numpy as np
 import torch
 
 from slm import checkpoint
-from slm.config import Config, ModelConfig, add_config_flags, flags_from_args, preset_names, resolve
+from slm.config import OPTIMIZERS, Config, ModelConfig, add_config_flags, flags_from_args, preset_names, resolve
 from slm.device import compile_model, cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
 from slm.errors import SlmError
 from slm.export import export_gguf
-from slm.generate import DEFAULT_TEMPERATURE, SamplingSettings, decode, make_generator
+from slm.generate import decode
+from slm.sampling import DEFAULT_TEMPERATURE, SamplingSettings, make_generator
 from slm.model import GPT
 from slm.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
-from slm.runfiles import write_text_atomic
+from slm.runfiles import read_metrics, write_text_atomic
 from slm.stories import demo_documents
 from slm.tokenizer import EOT_ID, get_tokenizer
 from slm.data import PretrainBatches
-from slm.train import accumulate, build_optimizer, step_optimizer
+from slm.optim import build_optimizers
+from slm.train import accumulate, start, step_optimizer
 
 PREPARE_CHARS = 4_000_000   # a few MB: long enough that starting the worker processes is noise
 WARMUP_STEPS = 2            # untimed: first-touch allocations, CUDA kernels picked, torch.compile
@@ -114,7 +118,7 @@ def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device).train()
     compiled = compile_model(model) if should_compile(cfg.train.compile, device) else model
-    optimizer = build_optimizer(model, cfg.train, device)
+    optimizers = build_optimizers(model, cfg.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_data(Path(tmp), cfg.model.vocab_size, cfg.train.seed)
@@ -124,7 +128,7 @@ def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
                 synchronize(device)
                 start = time.perf_counter()
             accumulate(compiled, batches(step), device, dtype, scaler)
-            step_optimizer(model, optimizer, scaler, cfg.train.grad_clip)
+            step_optimizer(model, optimizers, scaler, cfg.train.grad_clip)
         synchronize(device)
         seconds = time.perf_counter() - start
     return model, steps * cfg.train.batch_size * cfg.model.block_size / seconds
@@ -241,9 +245,32 @@ def model_flops_utilization(model: ModelConfig, tokens_per_s: float, device: tor
     return train_flops_per_token(model) * tokens_per_s / peak if peak else None
 
 
+def bench_optimizers(cfg: Config, target_loss: float) -> list[dict[str, object]]:
+    """Train cfg with each optimizer through `slm train`'s own start (the same seed, data and budget, samples
+    off) into a temporary run, and read its metrics.jsonl: the first evaluation at or below target_loss, the
+    step and the wall time when it came (evaluations included, the same for every optimizer), the last
+    validation loss and the training tokens/s."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for optimizer in OPTIMIZERS:
+            settings = dataclasses.replace(cfg.train, optimizer=optimizer, sample_tokens=0)
+            state = start(dataclasses.replace(cfg, train=settings), Path(tmp) / optimizer)
+            records = read_metrics(Path(tmp) / optimizer / "metrics.jsonl")
+            seconds = {r["step"]: r["wall_seconds"] for r in records if "loss" in r}
+            evaluations = [[r["step"], r["val_loss"], seconds[r["step"]]] for r in records if "val_loss" in r]
+            step, _, wall = next((e for e in evaluations if e[1] <= target_loss), (None, None, None))
+            rows.append({"optimizer": optimizer, "steps_to_target": step,
+                         "minutes_to_target": None if wall is None else wall / 60, "final_val_loss": evaluations[-1][1],
+                         "steps": state.step, "tokens_per_s": state.tokens_seen / state.train_seconds,
+                         "evaluations": evaluations})
+    return rows
+
+
 def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
-              flags: dict[str, dict[str, object]] | None = None, new_tokens: int = 200) -> dict[str, object]:
-    """The figures of `what` (all, prepare, nanogpt, train or generate) for the preset with `flags` over it."""
+              flags: dict[str, dict[str, object]] | None = None, new_tokens: int = 200, data: str | None = None,
+              target_loss: float | None = None) -> dict[str, object]:
+    """The figures of `what` (all, prepare, nanogpt, train, generate, or optimizers on `data` to
+    `target_loss`) for the preset with `flags` over it."""
     flags = flags or {}
     cfg = resolve(preset, flags=flags)
     device = pick_device(device_name)
@@ -264,6 +291,11 @@ def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
         rows.append(row)
     if rows:
         result["train"] = rows
+    if what == "optimizers":
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, data=data, device=device_name))
+        result["optimizers"] = {"target_loss": target_loss, "data": data, "max_minutes": cfg.train.max_minutes,
+                                "max_steps": cfg.train.max_steps, "eval_interval": cfg.train.eval_interval,
+                                "rows": bench_optimizers(cfg, target_loss)}
     if what in ("all", "generate"):
         if model is None:
             torch.manual_seed(cfg.train.seed)
@@ -325,8 +357,11 @@ def table(r: dict) -> str:
         else:
             notes.append(f"no llama.cpp row: {g['llama_cpp_missing']}")
     rows.append((f"peak memory ({r['peak_memory_kind']})", r["peak_memory_mb"], "MB"))
-    lines = [f"slm bench on {r['device']}{bf16}, {r['date']}: {r['timed_steps']} timed training steps after "
-             f"{r['warmup_steps']} warm-up", f"machine: {hardware}, torch {m['torch']}, Python {m['python']}"]
+    timed = f": {r['timed_steps']} timed training steps after {r['warmup_steps']} warm-up" if "train" in r else ""
+    lines = [f"slm bench on {r['device']}{bf16}, {r['date']}{timed}",
+             f"machine: {hardware}, torch {m['torch']}, Python {m['python']}"]
+    if "optimizers" in r:
+        lines += ["", *optimizers_table(r["optimizers"], r["preset"])]
     if "generate" in r:
         lines.append(f"generation model: preset {r['preset']}, "
                      f"{shape(r['generate']['model'], r['generate']['parameters'])}")
@@ -336,9 +371,24 @@ def table(r: dict) -> str:
                                      for label, value, unit in rows] + [f"  {note}" for note in notes])
 
 
+def optimizers_table(o: dict, preset: str) -> list[str]:
+    budget = f"{o['max_minutes']:g} minutes" if o["max_minutes"] else f"{o['max_steps']:,} steps"
+    target = f"{o['target_loss']:g}"
+    lines = [f"optimizers: preset {preset} on {o['data']}, {budget} each, validation every {o['eval_interval']} steps",
+             f"  {'optimizer':<10} {'steps to ' + target:>14} {'minutes to ' + target:>16} {'final val loss':>15} "
+             f"{'steps':>7} {'tokens/s':>9}"]
+    for row in o["rows"]:
+        reached = row["steps_to_target"] is not None
+        minutes = f"{row['minutes_to_target']:.2f}" if reached else "-"
+        lines.append(f"  {row['optimizer']:<10} {row['steps_to_target'] if reached else 'not reached':>14} "
+                     f"{minutes:>16} {row['final_val_loss']:>15.4f} {row['steps']:>7,} {row['tokens_per_s']:>9,.0f}")
+    return lines
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", nargs="?", choices=("all", "prepare", "nanogpt", "train", "generate"),
-                   default="all", help="measure only this part (default: all)")
+    p.add_argument("what", nargs="?", choices=("all", "prepare", "nanogpt", "train", "generate", "optimizers"),
+                   default="all", help="measure only this part (default: all); optimizers: steps and minutes to "
+                   "--target-loss for each optimizer, trained on --data within the preset's budget")
     p.add_argument("--preset", choices=preset_names(), default="cpu",
                    help="model and batch of the train and generate figures (default: cpu)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up (default: 10)")
@@ -347,6 +397,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save", action="store_true", help="also write the results as JSON into --results-dir")
     p.add_argument("--results-dir", default="benchmarks/results",
                    help="folder for --save's DATE-PRESET-DEVICE[-PART].json (default: benchmarks/results)")
+    p.add_argument("--data", help="folder made by `slm prepare`, for `slm bench optimizers`")
+    p.add_argument("--target-loss", type=float, help="validation loss `slm bench optimizers` times each optimizer to")
     add_config_flags(p, exclude=("data", "device"))
 
 
@@ -355,7 +407,11 @@ def main(args) -> int:
         raise SlmError(f"--steps must be at least 1 (got {args.steps})")
     if args.new_tokens < 1:
         raise SlmError(f"--new-tokens must be at least 1 (got {args.new_tokens})")
-    results = run_bench(args.preset, args.steps, args.device, args.what, flags_from_args(args), args.new_tokens)
+    if args.what == "optimizers" and not (args.data and args.target_loss and args.target_loss > 0):
+        raise SlmError(f"slm bench optimizers needs --data DIR (a folder made by `slm prepare`) and a positive "
+                       f"--target-loss (got {args.data!r} and {args.target_loss})")
+    results = run_bench(args.preset, args.steps, args.device, args.what, flags_from_args(args), args.new_tokens,
+                        args.data, args.target_loss)
     print(table(results))
     if args.save:
         folder = Path(args.results_dir)

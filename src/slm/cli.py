@@ -46,6 +46,7 @@ EXAMPLES = {
     "train": """examples:
   slm train --data data/demo --out runs/demo --preset cpu
   slm train --data data/demo --out runs/small --n-layer 2 --learning-rate 3e-4 --max-minutes 5
+  slm train --data data/demo --out runs/muon --preset cpu --optimizer muon   # Muon for the blocks' matrices
   slm train --config runs/demo/config.toml --out runs/again
   slm train --data data/demo --out runs/demo --preset cpu --resume     # continue after a stop or a crash
   slm train --data data/demo --out runs/ddp --nproc 2                  # data parallel: torchrun, 2 processes
@@ -76,7 +77,8 @@ EXAMPLES = {
   slm bench nanogpt                                    # nanoGPT's 4x128 model: float32/bf16, full/compact head
   slm bench generate --preset cpu                      # only generation: KV cache vs recompute, batch 1 and 8
   slm bench --preset seed --steps 20 --device cuda
-  slm bench train --preset cpu --vocab-head 0          # any config flag overrides the preset""",
+  slm bench train --preset cpu --vocab-head 0          # any config flag overrides the preset
+  slm bench optimizers --data data/demo --target-loss 3 --max-minutes 5   # adamw vs muon: steps, minutes to 3""",
     "make-instructions": """examples:
   slm make-instructions demo --out chat.jsonl --prompts-out prompts.jsonl         # 100 held-out stories
   slm make-instructions stories.txt --out chat.jsonl --prompts-out p.jsonl --held-out 0.02 --seed 7""",

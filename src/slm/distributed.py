@@ -109,27 +109,30 @@ def gradient_sync(trained: torch.nn.Module, world: World, enabled: bool) -> cont
     return contextlib.nullcontext()
 
 
-def full_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict]:
-    """The full model state dict (None when the model is not sharded: it holds it already) and the full
-    optimizer state keyed by parameter name, whatever the sharding, so a checkpoint resumes with or without
-    FSDP and on any number of processes. A collective under FSDP: every process calls it."""
+def full_states(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict | None, dict]:
+    """The full model state dict (None when the model is not sharded: it holds it already) and the full state
+    of the optimizers, merged and keyed by parameter name, whatever the sharding, so a checkpoint resumes with
+    or without FSDP and on any number of processes. A collective under FSDP: every process calls it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
     weights = get_model_state_dict(model, options=options) if is_sharded(model) else None
-    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+    return weights, get_optimizer_state_dict(model, optimizers, options=options)
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
     """Load full_states' optimizer state: through FSDP's loader when sharded, else by mapping parameter
-    names to the optimizer's own order (the name-keyed loader needs a process group)."""
+    names to each optimizer's own order (the name-keyed loader needs a process group). An optimizer takes
+    the saved groups whose parameters it holds."""
     if is_sharded(model):
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
         return
     names = {id(p): name for name, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    index = {name: i for i, name in enumerate(order)}
-    groups = [{**saved, "params": [index[name] for name in saved["params"]]} for saved in state["param_groups"]]
-    optimizer.load_state_dict({"state": {index[name]: value for name, value in state["state"].items()},
-                               "param_groups": groups})
+    for optimizer in optimizers:
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        index = {name: i for i, name in enumerate(order)}
+        groups = [{**saved, "params": [index[name] for name in saved["params"]]} for saved in state["param_groups"]
+                  if all(name in index for name in saved["params"])]
+        optimizer.load_state_dict({"state": {index[name]: value for name, value in state["state"].items()
+                                             if name in index}, "param_groups": groups})
 
 
 def share(items: Sequence, world: World) -> Sequence:

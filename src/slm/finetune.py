@@ -29,8 +29,9 @@ from slm.prepare import held_out
 from slm.runlog import RunLog
 from slm.tokenizer import get_tokenizer
 
+# The base run's optimizer stays (--optimizer changes it); Muon's peak, on AdamW's scale (optim.py), drops with it.
 FINETUNE_DEFAULTS = {"max_steps": 300, "max_tokens": 0, "max_minutes": 0.0, "learning_rate": 3e-4,
-                     "warmup_steps": 30, "eval_interval": 50, "instruct_share": 0.0}
+                     "muon_learning_rate": 3e-4, "warmup_steps": 30, "eval_interval": 50, "instruct_share": 0.0}
 
 
 def finetune_config(base: Config, flags: dict[str, Any]) -> Config:

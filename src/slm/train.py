@@ -30,11 +30,12 @@ from slm import checkpoint, data, distributed, runfiles
 from slm.config import (Config, TrainConfig, add_config_flags, add_config_source, add_run_out, check_resume_changes,
                         flags_from_args, resolve)
 from slm.data import Batch
-from slm.device import autocast, compile_model, keep_freed_memory, pick_dtype, should_compile
+from slm.device import autocast, compile_model, cpu_has_bf16, keep_freed_memory, pick_dtype, should_compile
 from slm.distributed import World
 from slm.errors import SlmError
 from slm.launch import StopOnSignal, launch
 from slm.model import GPT, IGNORE_INDEX
+from slm.optim import build_optimizers, set_learning_rate
 from slm.prepare import read_meta
 
 
@@ -108,15 +109,6 @@ def decay_progress(state: TrainState, cfg: TrainConfig, steps: int) -> float:
     return max(by_steps, (state.train_seconds - state.warmup_end_seconds) / max(budget, 1e-9))
 
 
-def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices and embeddings only, not on biases or norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
-
-
 def dropout_seeds(seed: int, step: int, world: World, micro_batches: int) -> list[int]:
     """The dropout seed of each of this process's micro-batches: a function of (seed, step, the micro-batch's
     place in the global batch). So every process draws masks of its own, and a run draws the same masks
@@ -146,17 +138,20 @@ def accumulate(model: torch.nn.Module, micro_batches: list[Batch], device: torch
     return distributed.total([local], world, device)[0]
 
 
-def step_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def step_optimizer(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
                    grad_clip: float) -> float:
     """Unscale (fp16), clip the true gradient norm, step unless it is non-finite, clear; returns the norm
-    before clipping (inf or nan when the step was skipped)."""
-    scaler.unscale_(optimizer)  # clipping scaled gradients would clip at grad_clip * scale
+    before clipping (inf or nan when the step was skipped). The scaler takes one torch optimizer at a time."""
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)  # clipping scaled gradients would clip at grad_clip * scale
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     if math.isfinite(norm):
-        scaler.step(optimizer)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
     scaler.update()  # under fp16 an overflow lowers the scale here
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     return norm
 
 
@@ -188,7 +183,7 @@ def check_data_matches(meta: dict, cfg: Config, tokenizer_identity: dict) -> Non
 
 @dataclass
 class Trainer:
-    """The modules and optimizer a run steps. `model` is the module that saves: the plain GPT whose weights
+    """The modules and optimizers a run steps. `model` is the module that saves: the plain GPT whose weights
     the checkpoints hold and the samples come from (FSDP shards it in place). `trained` is the module that
     trains: `model` compiled, then wrapped by DDP. `evaluated` scores validation: compiled but never
     DDP-wrapped, as DDP's buffer broadcast before a forward is a collective, and the processes share the
@@ -197,7 +192,7 @@ class Trainer:
     model: GPT
     trained: torch.nn.Module
     evaluated: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # optim.build_optimizers': AdamW, and Muon with --optimizer muon
     scaler: torch.amp.GradScaler
 
     @property
@@ -212,7 +207,7 @@ def build_trainer(model: GPT, t: TrainConfig, world: World, device: torch.device
         distributed.shard(model)
     evaluated = compile_model(model) if should_compile(t.compile, device) else model
     trained = distributed.replicate(evaluated, device) if world.distributed and not t.fsdp else evaluated
-    return Trainer(model, trained, evaluated, build_optimizer(model, t, device),
+    return Trainer(model, trained, evaluated, build_optimizers(model, t, device),
                    torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
 
@@ -275,7 +270,7 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     state = TrainState()
     if resume_from is not None:
         saved = checkpoint.load_trainer_state(resume_from)
-        distributed.load_optimizer_state(model, trainer.optimizer, saved["optimizer"])
+        distributed.load_optimizer_state(model, trainer.optimizers, saved["optimizer"])
         trainer.scaler.load_state_dict(saved["scaler"])
         state.load_state_dict(saved["state"])  # last: it restores the RNG states too
         if world.is_main:
@@ -290,12 +285,15 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     say(f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
         f"step = {world.world_size} process(es) x {accum} micro-batches of {t.micro_batch_size} | up to "
         f"{steps:,} steps" + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
+    if t.optimizer == "muon" and device.type == "cpu" and not cpu_has_bf16():
+        say("warning: Muon orthogonalises in bfloat16, which this CPU emulates: a step takes several times as long "
+            "as with --optimizer adamw (6.5x for the cpu preset, measured with bf16 instructions turned off)")
     log = RunLog(run_dir, cfg, model.num_parameters(), state.step, enabled=world.is_main)
     progress = Progress(expected_steps(state, t, steps), state.step, enabled=world.is_main)
 
     # ---- what an evaluation does ----
     def save(improved: bool) -> None:
-        weights, optimizer_state = distributed.full_states(model, trainer.optimizer)  # every process takes part
+        weights, optimizer_state = distributed.full_states(model, trainer.optimizers)  # every process takes part
         if world.is_main:
             trainer_state = {"state": state.state_dict(), "optimizer": optimizer_state,
                              "scaler": trainer.scaler.state_dict()}
@@ -332,11 +330,10 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         while not finished() and stop.received is None:
             started = time.perf_counter()
             lr = learning_rate(state.step, decay_progress(state, t, steps), t)
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(trainer.optimizers, lr, t)
             loss = accumulate(trainer.trained, batches(state.step), device, dtype, trainer.scaler, world,
                               dropout_seeds(t.seed, state.step, world, accum))
-            grad_norm = step_optimizer(model, trainer.optimizer, trainer.scaler, t.grad_clip)
+            grad_norm = step_optimizer(model, trainer.optimizers, trainer.scaler, t.grad_clip)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
