@@ -5,7 +5,7 @@ import torch
 
 from slm.config import ModelConfig, TrainConfig
 from slm.model import GPT
-from slm.optim import build_optimizers, set_learning_rate
+from slm.optim import build_optimizers, orthogonalise, set_learning_rate
 from slm.train import accumulate, learning_rate, step_optimizer
 
 SMALL = ModelConfig(vocab_size=101, block_size=8, n_layer=2, n_head=2, n_embd=16)
@@ -67,3 +67,19 @@ def test_a_step_under_the_fp16_grad_scaler_applies_the_unscaled_update(optimizer
     for name, weight in plain.state_dict().items():
         assert torch.equal(scaled.state_dict()[name], weight), name
         assert not torch.equal(weight, initial[name]), f"{name} did not move"
+
+
+def test_muon_orthogonalises_in_bfloat16_only_where_the_cpu_multiplies_it_natively(auto_resolution):
+    _, muon = build_optimizers(GPT(SMALL), TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert muon.ns_dtype == getattr(torch, auto_resolution)  # float32 where bf16 would be emulated, 40x slower
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)], ids=["tall", "wide"])
+def test_newton_schulz_flattens_the_singular_values_in_float32_as_in_torchs_bfloat16(shape):
+    matrix = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ours = orthogonalise(matrix, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+    singular = torch.linalg.svdvals(ours)
+    assert ours.dtype == torch.float32 and singular.min() > 0.6 and singular.max() < 1.25  # ~U V^T, as Muon wants
+    torch.testing.assert_close(orthogonalise(matrix, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.bfloat16),
+                               torch.optim._muon._zeropower_via_newtonschulz(matrix, (3.4445, -4.7750, 2.0315), 5,
+                                                                               1e-7).float(), rtol=0, atol=0)

@@ -78,8 +78,7 @@ class Sequence:
     settings: SamplingSettings
     text: RowText | None  # None for ids alone (generate.decode): the row ends after max_new_tokens
     owner: Any  # what the caller ties the row to (slm serve: the request and the choice)
-    group: Any = None  # rows of one group are picked by one call: its settings' picking part, or the row itself
-    pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # its own picker, when its group is itself
+    pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # rows with the same picker are picked in one call
     seen: torch.Tensor | None = None  # (1, V): ids of its prompt and output, for the repetition penalty
     pushed: WordBias | None = None  # its requested words' logit bias
     cached: int = 0  # ids of `context` in its slot; 0 until prefilled
@@ -124,11 +123,14 @@ class Engine:
             row.seen[0, prompt] = True
         if words and settings.word_bias:
             row.pushed = WordBias([words], settings.word_bias, vocab_size, self.device)
-        row.group = dataclasses.replace(settings, max_new_tokens=1, stop=())  # where a row ends is not picking
-        if seed is not None or row.seen is not None or row.pushed is not None:
+        if seed is not None or row.seen is not None or row.pushed is not None:  # a picker of its own
             generator = self.generator if seed is None else make_generator(self.device, seed)
             row.pick = make_picker(self.model, settings, generator, row.seen, row.pushed and row.pushed.bias)
-            row.group = row
+        else:  # the engine's, shared by every unseeded row that samples alike
+            sampling = dataclasses.replace(settings, max_new_tokens=1, stop=())  # where a row ends is not picking
+            if sampling not in self.shared_pickers:
+                self.shared_pickers[sampling] = make_picker(self.model, sampling, self.generator, None)
+            row.pick = self.shared_pickers[sampling]
         self.rows.append(row)
         return row
 
@@ -200,24 +202,17 @@ class Engine:
 
     def _pick(self, rows: list[Sequence], hidden: torch.Tensor) -> torch.Tensor:
         """The next id of each row from its hidden state (len(rows), C), a call per group that samples alike."""
-        groups: dict[Any, list[int]] = {}
+        groups: dict[Callable[[torch.Tensor], torch.Tensor], list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(row.group, []).append(i)
+            groups.setdefault(row.pick, []).append(i)
         if len(groups) == 1:  # the common case: no gather, no scatter
-            (key, _), = groups.items()
-            return self._picker(key)(hidden)
+            (pick, _), = groups.items()
+            return pick(hidden)
         next_ids = torch.empty(len(rows), dtype=torch.long, device=self.device)
-        for key, members in groups.items():
+        for pick, members in groups.items():
             at = torch.tensor(members, device=self.device)
-            next_ids[at] = self._picker(key)(hidden[at])
+            next_ids[at] = pick(hidden[at])
         return next_ids
-
-    def _picker(self, key: Sequence | SamplingSettings) -> Callable[[torch.Tensor], torch.Tensor]:
-        if isinstance(key, Sequence):
-            return key.pick
-        if key not in self.shared_pickers:
-            self.shared_pickers[key] = make_picker(self.model, key, self.generator, None)
-        return self.shared_pickers[key]
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,

@@ -4,9 +4,9 @@ Figures: prepare tokens/s (prepare's own parallel tokenizer on a few MB of the d
 at nanoGPT's CPU configuration (4 layers x 128, context 128, batch 32, GPT-2's vocabulary) in float32 and
 bfloat16, with the full head and with a compact head of 8,192 ids, and for the chosen preset (each through
 train.py's steps on synthetic tokens, warm-up excluded; on a known GPU also as MFU); generation tokens/s
-of the preset's model with the KV cache and with full recompute at batch 1 and 8 (through generate.py's
-engine), and greedy at batch 1 beside llama.cpp's on the same model exported to GGUF (where llama-cpp-python
-is installed); and peak memory.
+of the preset's model with the KV cache and with full recompute at batch 1 and 8 (generate.decode: the
+engine of batching.py, or the recompute reference), and greedy at batch 1 beside llama.cpp's on the same
+model exported to GGUF (where llama-cpp-python is installed); and peak memory.
 `slm bench nanogpt` (or prepare, train, generate) measures one part alone. `slm bench optimizers` is not a
 speed figure: it trains the preset on prepared data once per optimizer (the same seed, data and budget) and
 reports the steps and minutes each took to reach a validation loss. The numbers are printed and, with

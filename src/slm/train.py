@@ -30,7 +30,7 @@ from slm import checkpoint, data, distributed, runfiles
 from slm.config import (Config, TrainConfig, add_config_flags, add_config_source, add_run_out, check_resume_changes,
                         flags_from_args, resolve)
 from slm.data import Batch
-from slm.device import autocast, compile_model, cpu_has_bf16, keep_freed_memory, pick_dtype, should_compile
+from slm.device import autocast, compile_model, keep_freed_memory, pick_dtype, should_compile
 from slm.distributed import World
 from slm.errors import SlmError
 from slm.launch import StopOnSignal, launch
@@ -285,9 +285,6 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
     say(f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
         f"step = {world.world_size} process(es) x {accum} micro-batches of {t.micro_batch_size} | up to "
         f"{steps:,} steps" + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
-    if t.optimizer == "muon" and device.type == "cpu" and not cpu_has_bf16():
-        say("warning: Muon orthogonalises in bfloat16, which this CPU emulates: a step takes several times as long "
-            "as with --optimizer adamw (6.5x for the cpu preset, measured with bf16 instructions turned off)")
     log = RunLog(run_dir, cfg, model.num_parameters(), state.step, enabled=world.is_main)
     progress = Progress(expected_steps(state, t, steps), state.step, enabled=world.is_main)
 
