@@ -79,7 +79,8 @@ def test_an_existing_run_is_not_overwritten(tiny_run, tiny_data, capsys):
 
 def test_the_public_api_imports_lazily():
     code = ("import sys, slm; assert 'torch' not in sys.modules; "
-            "from slm import GPT, ModelConfig, load_model, generate, get_tokenizer; assert 'torch' in sys.modules")
+            "from slm import GPT, ModelConfig, load_model, generate, get_tokenizer; assert 'torch' in sys.modules; "
+            "assert callable(generate) and generate.__name__ == 'generate'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -20,4 +20,8 @@ __all__ = list(_API)
 def __getattr__(name: str):
     if name not in _API:
         raise AttributeError(f"module 'slm' has no attribute {name!r}")
-    return getattr(importlib.import_module(_API[name]), name)
+    value = getattr(importlib.import_module(_API[name]), name)
+    # Kept as the package's attribute: importing slm.generate has just set `slm.generate` to the module, which
+    # `from slm import generate` would otherwise get instead of the function.
+    globals()[name] = value
+    return value
