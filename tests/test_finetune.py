@@ -75,7 +75,8 @@ def test_a_finetune_keeps_the_base_runs_optimizer_and_lowers_muons_peak_as_adamw
     cfg = finetune_config(base, {})
     assert (cfg.train.optimizer, cfg.train.learning_rate, cfg.train.muon_learning_rate) == ("muon", 3e-4, 3e-4)
     assert finetune_config(base, {"optimizer": "adamw"}).train.optimizer == "adamw"
-    assert finetune_config(resolve("cpu"), {}).train.optimizer == "adamw"
+    adamw_base = resolve("cpu", flags={"train": {"optimizer": "adamw"}})
+    assert finetune_config(adamw_base, {}).train.optimizer == "adamw"
 
 
 def test_the_finetune_command_takes_train_flags_but_its_own_data_flag():
