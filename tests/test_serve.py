@@ -290,8 +290,8 @@ def endless(monkeypatch):
         time.sleep(0.01)  # a model's step takes time; this keeps the fake from flooding the queues
         deltas = []
         for row in engine.rows:
-            row.text.tokens += 1
-            deltas.append((row, TextDelta(0, "a", row.text.tokens)))
+            row.generated += 1
+            deltas.append((row, TextDelta(0, "a", row.generated)))
         return deltas
 
     def remove_and_tell(engine, row):

@@ -4,7 +4,7 @@
 for a batch to end, and each row keeps its own sampling settings, stop strings, token limit, seed and
 requested words; a row that finishes, or whose client has gone, leaves at once and frees its slot. Every
 command that turns prompts into text (generate, chat, eval-assistant, training samples) runs on the same
-engine through generate.stream, so the serving path is the one every test exercises.
+engine through `stream` below, so the serving path is the one every test exercises.
 
 A step (Engine.step):
   1. a sequence whose window is full keeps its newest block_size // 2 ids: they are cached again into its
@@ -55,19 +55,18 @@ class RowText:
     def __init__(self, tokenizer: Tokenizer, settings: SamplingSettings) -> None:
         self.eot_id, self.max_new_tokens = tokenizer.eot_id, settings.max_new_tokens
         self.decoder, self.text = StreamDecoder(tokenizer), StopText(settings.stop)
-        self.tokens = 0  # ids generated so far, end-of-text and stop strings included
         self.finished = False
 
-    def add(self, row: int, next_id: int) -> TextDelta | None:
-        """The delta for the row's next id, None when it adds no text and does not finish the row."""
-        self.tokens += 1
+    def add(self, row: int, next_id: int, tokens: int) -> TextDelta | None:
+        """The delta for the row's next id, its `tokens`-th; None when it adds no text and does not finish
+        the row."""
         eot = next_id == self.eot_id
-        final = eot or self.tokens == self.max_new_tokens
+        final = eot or tokens == self.max_new_tokens
         piece = "" if eot else self.decoder.add(next_id)
         text, stopped = self.text.add(piece + (self.decoder.flush() if final else ""), final)
         reason = "stop" if eot or stopped else "length" if final else None
         self.finished = reason is not None
-        return TextDelta(row, text, self.tokens, reason) if text or reason else None
+        return TextDelta(row, text, tokens, reason) if text or reason else None
 
 
 @dataclass(eq=False)
@@ -83,7 +82,7 @@ class Sequence:
     pushed: WordBias | None = None  # its requested words' logit bias
     cached: int = 0  # ids of `context` in its slot; 0 until prefilled
     next_id: int | None = None  # picked, not yet fed
-    generated: int = 0
+    generated: int = 0  # ids picked so far, end-of-text and stop strings included
 
     @property
     def finished(self) -> bool:
@@ -175,7 +174,7 @@ class Engine:
                 row.seen[0, next_id] = True
             if row.pushed is not None:
                 row.pushed.written([next_id])
-            if row.text and (delta := row.text.add(0, next_id)):
+            if row.text and (delta := row.text.add(0, next_id, row.generated)):
                 deltas.append((row, delta))
         for row in [row for row in self.rows if row.finished]:
             self.remove(row)
