@@ -83,3 +83,24 @@ def test_newton_schulz_flattens_the_singular_values_in_float32_as_in_torchs_bflo
     torch.testing.assert_close(orthogonalise(matrix, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.bfloat16),
                                torch.optim._muon._zeropower_via_newtonschulz(matrix, (3.4445, -4.7750, 2.0315), 5,
                                                                                1e-7).float(), rtol=0, atol=0)
+
+
+def test_muon_orthogonalises_q_k_and_v_of_the_fused_attention_matrix_each_on_its_own():
+    """c_attn stacks three (16, 16) matrices; each gets an orthogonal update of AdamW's RMS (0.2 x lr), not
+    a third of one orthogonal (48, 16) update."""
+    model = GPT(SMALL)
+    cfg = TrainConfig(optimizer="muon", weight_decay=0.0, muon_learning_rate=1e-2, learning_rate=1e-2)
+    _, muon = build_optimizers(model, cfg, torch.device("cpu"))
+    set_learning_rate([muon], 1e-2, cfg)
+    c_attn = model.transformer.h[0].attn.c_attn.weight
+    before = c_attn.detach().clone()
+    generator = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+    muon.step()
+    for part in (c_attn.detach() - before).chunk(3):
+        assert part.pow(2).mean().sqrt() == pytest.approx(0.2 * 1e-2, rel=0.2)
+        singular = torch.linalg.svdvals(part / (0.2 * 1e-2 * 4))  # an orthogonal (16, 16) matrix's RMS is 1/4
+        # five Newton-Schulz steps leave them near 1, not at it; a third of one (48, 16) update's block has
+        # singular values up to 1.6 and a median of 0.64-0.74
+        assert singular.median() > 0.8 and singular.max() < 1.25

@@ -33,11 +33,15 @@ class Muon(torch.optim.Muon):
       buffer, made like the gradient, is then a whole matrix on every process, not sharded.
 
     The update is torch's: Nesterov momentum, Newton-Schulz, decoupled weight decay, and match_rms_adamw's
-    scale (build_optimizers says why)."""
+    scale (build_optimizers says why), except that a parameter holding several matrices stacked (c_attn's
+    query, key and value) has each orthogonalised and scaled on its own."""
 
-    def __init__(self, params, ns_dtype: torch.dtype, **kwargs) -> None:
+    def __init__(self, params, ns_dtype: torch.dtype, stacked: dict[torch.Tensor, int] | None = None,
+                 **kwargs) -> None:
+        """`stacked`: parameters that hold several matrices stacked on dim 0, and how many."""
         super().__init__(params, adjust_lr_fn="match_rms_adamw", **kwargs)
         self.ns_dtype = ns_dtype
+        self.stacked = {id(p): parts for p, parts in (stacked or {}).items()}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,10 +57,12 @@ class Muon(torch.optim.Muon):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(grad, 1 - group["momentum"])
                 update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
+                # match_rms_adamw's scale per matrix: an orthogonal (m, n) matrix has an RMS of 1/sqrt(max(m, n))
+                update = torch.cat([orthogonalise(part, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                                  self.ns_dtype) * math.sqrt(max(part.shape))
+                                    for part in update.chunk(self.stacked.get(id(p), 1))])
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+                p.add_(update, alpha=-group["lr"] * 0.2)
 
 
 def orthogonalise(matrix: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -98,8 +104,11 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
         # per step as AdamW does, means the same for both. (Keller Jordan's scaling, torch's default, wants
         # lr ~0.02 instead, which would decay the matrices 20 times as fast as AdamW does at lr 1e-3.)
         ns_dtype = torch.float32 if device.type == "cpu" and not auto_uses_bf16_on_cpu() else torch.bfloat16
-        optimizers.append(Muon(hidden, ns_dtype, lr=cfg.muon_learning_rate, weight_decay=cfg.weight_decay,
-                               momentum=cfg.muon_momentum))
+        # c_attn stacks the query, key and value matrices: each is orthogonalised on its own, as if they were
+        # three parameters (modded-nanogpt's separate q, k, v); 0.0045 bits per byte lower on the cpu preset
+        stacked = {p: 3 for name, p in named if name in to_muon and name.endswith("attn.c_attn.weight")}
+        optimizers.append(Muon(hidden, ns_dtype, stacked, lr=cfg.muon_learning_rate,
+                               weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum))
     return optimizers
 
 
