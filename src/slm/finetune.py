@@ -4,8 +4,9 @@ The model and its config come from the base run's checkpoint. The training setti
 run's, FINETUNE_DEFAULTS replace the ones a fine-tune should not inherit (a pretraining's length, time budget,
 peak learning rate and weight decay), and the flags given win. `train.train` runs the usual loop on
 chat.SftBatches, whose targets are IGNORE_INDEX except on the assistant's tokens, so every loss, validation
-loss included, is the loss on what the assistant says. The base model's validation loss on the same batches is written as step 0
-of the new run's metrics.jsonl: the first evaluation line says where fine-tuning started from.
+loss included, is the loss on what the assistant says. The base model's validation loss on the same batches
+is written as step 0 of the new run's metrics.jsonl: the first evaluation line says where fine-tuning started
+from.
 """
 
 from __future__ import annotations
