@@ -35,7 +35,7 @@ def test_weight_decay_applies_to_matrices_only(optimizer):
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
     assert [group["weight_decay"] for m in muon for group in m.param_groups] == ([0.1] if muon else [])
-    # fused on a CPU too: the per-tensor loop took 50 ms a step over the cpu preset's 50,257-row embedding
+    # fused on a CPU too: the per-tensor loop took 19 ms a step over the cpu preset's embedding, fused 6 ms
     assert adamw.defaults["fused"]
 
 

@@ -95,8 +95,8 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
     rest = [p for name, p in named if name not in to_muon]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    # fused on a CPU too: over the cpu preset's 12.9M-value embedding a step took 50 ms in torch's per-tensor
-    # loop and 5 ms fused (benchmarks/cpu_preset.md)
+    # fused on a CPU too: over the cpu preset's 12.9M-value embedding a step took 19 ms in torch's per-tensor
+    # loop and 6 ms fused (benchmarks/cpu_preset.md)
     fused = device.type in ("cpu", "cuda")
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)]
