@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slm.config import ModelConfig
+from slm.config import ModelConfig, TrainConfig
 from slm.model import GPT, IGNORE_INDEX
+from slm.optim import build_optimizers
 
 CFG = ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -146,6 +147,27 @@ def test_compact_head_is_tied_to_the_token_embedding(compact):
     expected = x[0, 0] @ model.transformer.wte.weight[head_id]
     torch.testing.assert_close(model.lm_head(x)[0, 0, head_id], expected)
     assert not any(name.startswith("lm_head.wte") for name in model.state_dict())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_an_evaluation_after_an_optimizer_step_sees_the_new_weights(compact, optimizer):
+    """As a run evaluates: the fused AdamW a run builds updates the embedding without bumping its _version."""
+    model, _ = compact
+    adamw, *_ = optimizers = build_optimizers(model, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    assert adamw.defaults["fused"]
+    idx = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        model(idx)  # fills the cache
+    model.train()
+    model(idx, idx)[1].backward()
+    for o in optimizers:
+        o.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(idx)[0]
+    with torch.enable_grad():
+        expected = model(idx)[0].detach()  # built afresh: autograd never reads the cache
+    torch.testing.assert_close(after, expected, atol=1e-12, rtol=0)
 
 
 def test_the_compact_heads_decoding_cache_follows_weight_updates(compact):

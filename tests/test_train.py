@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_config
 from slm import runfiles
 from slm.config import ModelConfig, TrainConfig
+from slm.errors import SlmError
 from slm.model import GPT
 from slm.optim import build_optimizers
 from slm.train import TrainState, accumulate, expected_steps, learning_rate, start, step_optimizer, total_steps
@@ -36,6 +37,14 @@ def test_learning_rate_decays_by_cosine_to_the_floor_and_stays_there():
     lrs = [learning_rate(s, (s - 10) / 100, SCHEDULE) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert min(lrs) >= SCHEDULE.min_learning_rate  # the floor is never above the peak nor undershot
+
+
+def test_learning_rate_decays_linearly_to_the_floor_when_asked():
+    linear = dataclasses.replace(SCHEDULE, decay="linear", min_learning_rate=0.0)
+    assert learning_rate(35, 0.25, linear) == pytest.approx(0.75e-3)  # cosine: 0.85e-3
+    assert learning_rate(110, 1.0, linear) == learning_rate(500, 4.0, linear) == 0.0
+    with pytest.raises(SlmError, match="--decay must be one of cosine, linear"):
+        TrainConfig(decay="step")
 
 
 def test_token_budget_converts_to_steps():

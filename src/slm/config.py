@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE = ("auto", "on", "off")
 OPTIMIZERS = ("adamw", "muon")
+DECAYS = ("cosine", "linear")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -79,7 +80,8 @@ class TrainConfig:
     batch_size: int = _help("sequences per optimizer step, over all processes", 32)
     micro_batch_size: int = _help("sequences per forward pass; batch_size must be a multiple of it", 32)
     learning_rate: float = _help("peak learning rate, reached at the end of warm-up", 1e-3)
-    min_learning_rate: float = _help("floor the cosine decay ends at; at most learning_rate", 1e-4)
+    min_learning_rate: float = _help("floor the decay ends at; at most learning_rate", 1e-4)
+    decay: str = _help(f"shape of the learning rate's decay after warm-up: one of {', '.join(DECAYS)}", "cosine")
     warmup_steps: int = _help("optimizer steps of linear warm-up from 0 to learning_rate", 100)
     optimizer: str = _help(f"one of {', '.join(OPTIMIZERS)} (muon: Muon for the blocks' weight matrices, AdamW for "
                            "embeddings, head, norms and biases)", "adamw")
@@ -142,6 +144,8 @@ class TrainConfig:
             raise SlmError(f"--beta1 and --beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if not 0 <= self.muon_momentum < 1:
             raise SlmError(f"--muon-momentum must be in [0, 1) (got {self.muon_momentum})")
+        if self.decay not in DECAYS:
+            raise SlmError(f"--decay must be one of {', '.join(DECAYS)} (got {self.decay!r})")
         if self.optimizer not in OPTIMIZERS:
             raise SlmError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         if self.device not in DEVICES:

@@ -93,10 +93,12 @@ def expected_steps(state: TrainState, cfg: TrainConfig, steps: int) -> int:
 
 
 def learning_rate(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over the first warmup_steps, then cosine decay to the floor as progress goes 0 -> 1."""
+    """Linear warm-up over the first warmup_steps, then cosine or linear decay to the floor as progress goes
+    0 -> 1."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    progress = min(max(progress, 0.0), 1.0)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1.0 - progress
     return cfg.min_learning_rate + coeff * (cfg.learning_rate - cfg.min_learning_rate)
 
 
