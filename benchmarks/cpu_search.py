@@ -22,16 +22,17 @@ from pathlib import Path
 
 # name -> flags over BASE: the optimizer, the learning rates, width and depth, batch, warm-up and decay, and the
 # compact head's size. BASE is the `cpu` preset as this search found it (3 layers x 256, context 128, AdamW at
-# 2e-3, batch 16, weight decay 0.1), so the table reproduces whatever the preset has become since (it is this
-# search's winner now; but Muon now orthogonalises c_attn's q, k and v apart, which the rows in cpu_preset.md
-# measured before that change did not, as it says).
+# 2e-3, batch 16, weight decay 0.1, cosine decay), so the table reproduces whatever the preset has become since
+# (it is this search's winner now; but Muon now orthogonalises c_attn's q, k and v apart, which the rows in
+# cpu_preset.md measured before that change did not, as it says).
 BASE = ["--optimizer", "adamw", "--learning-rate", "2e-3", "--min-learning-rate", "2e-4", "--batch-size", "16",
-        "--micro-batch-size", "16", "--block-size", "128", "--weight-decay", "0.1"]
+        "--micro-batch-size", "16", "--block-size", "128", "--weight-decay", "0.1", "--decay", "cosine"]
 MUON = ["--optimizer", "muon"]
 MUON_BEST = [*MUON, "--learning-rate", "3e-3", "--min-learning-rate", "3e-4", "--batch-size", "32",
              "--micro-batch-size", "32"]  # the 2.5-minute search's winner ("muon*" below)
 MUON_256 = [*MUON_BEST, "--block-size", "256", "--batch-size", "16", "--micro-batch-size", "16"]
-PRESET_2024 = [*MUON_256, "--weight-decay", "0.5", "--max-minutes", "0", "--max-steps", "2024"]
+PRESET_2024 = [*MUON_256, "--weight-decay", "0.5", "--max-minutes", "0", "--max-steps", "2024"]  # see below
+D2Z = [*PRESET_2024, "--decay", "linear", "--min-learning-rate", "0"]  # linear decay to zero
 CANDIDATES = {
     "preset": [],
     "muon": MUON,
@@ -61,7 +62,14 @@ CANDIDATES = {
     "muon*, context 256, decay 1": [*MUON_256, "--weight-decay", "1.0"],
     # the preset those chose, at a fixed 2,024 steps (its 10 minutes then) rather than a time budget: the machine's
     # pace drifted by 20 % in a night, and these candidates cost the same per step
-    "preset*, 2,024 steps, linear decay to 0": [*PRESET_2024, "--decay", "linear", "--min-learning-rate", "0"],
+    "preset*, 2,024 steps, linear decay to 0": D2Z,
+    "preset*, 2,024 steps, linear decay to 0, muon lr 7e-3": [*D2Z, "--muon-learning-rate", "7e-3"],
+    "preset*, 2,024 steps, linear decay to 0, decay 0.7": [*D2Z, "--weight-decay", "0.7"],
+    "preset*, 2,024 steps, linear decay to 0, adamw lr 5e-3": [*D2Z, "--learning-rate", "5e-3"],
+    # a larger compact head costs more per step: fewer steps, in the ratio of step times measured side by side
+    # (head 6,144: 1.104 x the step of 4,096; 8,192: 1.170)
+    "preset*, linear decay to 0, head 6,144, 1,833 steps": [*D2Z, "--vocab-head", "6144", "--max-steps", "1833"],
+    "preset*, linear decay to 0, head 8,192, 1,730 steps": [*D2Z, "--vocab-head", "8192", "--max-steps", "1730"],
 }
 
 

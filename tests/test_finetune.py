@@ -66,6 +66,7 @@ def test_finetune_settings_come_from_the_base_run_with_finetune_defaults_and_fla
     assert cfg.model == base.model and cfg.train.batch_size == base.train.batch_size
     assert (cfg.train.max_minutes, cfg.train.max_steps, cfg.train.learning_rate) == (0.0, 300, 3e-4)
     assert (base.train.weight_decay, cfg.train.weight_decay) == (0.5, 0.1)
+    assert (base.train.decay, cfg.train.decay) == ("linear", "cosine")
     assert cfg.train.min_learning_rate == pytest.approx(3e-5)
     assert finetune_config(base, {"learning_rate": 1e-2}).train.min_learning_rate == pytest.approx(1e-3)
     assert finetune_config(base, {"learning_rate": 1e-2, "min_learning_rate": 0.0}).train.min_learning_rate == 0.0

@@ -2,7 +2,7 @@
 
 The model and its config come from the base run's checkpoint. The training settings start from the base
 run's, FINETUNE_DEFAULTS replace the ones a fine-tune should not inherit (a pretraining's length, time budget,
-peak learning rate and weight decay), and the flags given win. `train.train` runs the usual loop on
+peak learning rate, its decay and weight decay), and the flags given win. `train.train` runs the usual loop on
 chat.SftBatches, whose targets are IGNORE_INDEX except on the assistant's tokens, so every loss, validation
 loss included, is the loss on what the assistant says. The base model's validation loss on the same batches
 is written as step 0 of the new run's metrics.jsonl: the first evaluation line says where fine-tuning started
@@ -34,7 +34,7 @@ from slm.tokenizer import get_tokenizer
 # weight_decay: the cpu preset's 0.5 is for ~5 epochs of a small corpus; fine-tunes were measured at 0.1
 FINETUNE_DEFAULTS = {"max_steps": 300, "max_tokens": 0, "max_minutes": 0.0, "learning_rate": 3e-4,
                      "muon_learning_rate": 3e-4, "warmup_steps": 30, "eval_interval": 50, "instruct_share": 0.0,
-                     "weight_decay": 0.1}
+                     "weight_decay": 0.1, "decay": "cosine"}
 
 
 def finetune_config(base: Config, flags: dict[str, Any]) -> Config:
