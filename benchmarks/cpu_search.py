@@ -26,13 +26,15 @@ from pathlib import Path
 # (it is this search's winner now; but Muon now orthogonalises c_attn's q, k and v apart, which the rows in
 # cpu_preset.md measured before that change did not, as it says).
 BASE = ["--optimizer", "adamw", "--learning-rate", "2e-3", "--min-learning-rate", "2e-4", "--batch-size", "16",
-        "--micro-batch-size", "16", "--block-size", "128", "--weight-decay", "0.1", "--decay", "cosine"]
+        "--micro-batch-size", "16", "--block-size", "128", "--weight-decay", "0.1", "--decay", "cosine",
+        "--windows", "random"]
 MUON = ["--optimizer", "muon"]
 MUON_BEST = [*MUON, "--learning-rate", "3e-3", "--min-learning-rate", "3e-4", "--batch-size", "32",
              "--micro-batch-size", "32"]  # the 2.5-minute search's winner ("muon*" below)
 MUON_256 = [*MUON_BEST, "--block-size", "256", "--batch-size", "16", "--micro-batch-size", "16"]
 PRESET_2024 = [*MUON_256, "--weight-decay", "0.5", "--max-minutes", "0", "--max-steps", "2024"]  # see below
 D2Z = [*PRESET_2024, "--decay", "linear", "--min-learning-rate", "0"]  # linear decay to zero
+PRESET_1201 = [*D2Z, "--learning-rate", "5e-3"]  # the preset of 2026-12-01
 CANDIDATES = {
     "preset": [],
     "muon": MUON,
@@ -69,6 +71,13 @@ CANDIDATES = {
     # a larger compact head costs more per step: fewer steps, in the ratio of step times measured side by side
     # (head 6,144: 1.104 x the step of 4,096)
     "preset*, linear decay to 0, head 6,144, 1,833 steps": [*D2Z, "--vocab-head", "6144", "--max-steps", "1833"],
+    # attention as two matmuls in bf16 (2026-12-02) made a step 12 % cheaper: that preset's own 10 minutes gave
+    # 2,309 steps, and the candidates after it run that many (4 layers: fewer, in the ratio of step times)
+    "preset 2026-12-01, its own 10 minutes": [*PRESET_1201, "--max-minutes", "10", "--max-steps", "100000"],
+    "preset 2026-12-01, 2,309 steps, shuffled windows": [*PRESET_1201, "--max-steps", "2309", "--windows",
+                                                         "shuffled"],
+    "preset 2026-12-01, shuffled windows, 4 layers, 1,879 steps": [*PRESET_1201, "--windows", "shuffled",
+                                                                   "--n-layer", "4", "--max-steps", "1879"],
 }
 
 

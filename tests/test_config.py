@@ -96,3 +96,14 @@ def test_runs_saved_when_compile_was_a_bool_still_load():
     assert Config.from_dict({"train": {"compile": True}}).train.compile == "on"
     with pytest.raises(SlmError, match="--compile must be one of auto, on, off"):
         Config.from_dict({"train": {"compile": "sometimes"}})
+
+
+def test_runs_saved_before_shuffled_windows_resume_with_the_random_windows_they_ran_with():
+    from slm.config import Config
+
+    assert Config().train.windows == "shuffled"
+    assert Config.from_dict({"train": {"seed": 3}}).train.windows == "random"
+    assert Config.from_dict({"model": {"n_layer": 2}}).train.windows == "random"
+    assert Config.from_dict({"train": {"windows": "shuffled"}}).train.windows == "shuffled"
+    with pytest.raises(SlmError, match="--windows must be one of random, shuffled"):
+        Config.from_dict({"train": {"windows": "sequential"}})

@@ -39,6 +39,44 @@ def test_every_window_fits_even_at_the_end_of_the_data():
     assert starts.max() + 32 + 1 <= 40
 
 
+def test_shuffled_windows_visit_every_window_of_a_pass_once_then_start_a_new_pass():
+    windows = data.ShuffledWindows(seed=5, n_tokens=10_000, block_size=64)
+    assert windows.windows == 155  # (10,000 - 1) // 64 - 1: they fit at every offset below 64
+    first_pass = np.concatenate([windows(step, 31) for step in range(5)])  # 155 = 5 x 31
+    offset = first_pass.min() % 64
+    assert sorted(first_pass) == [offset + 64 * i for i in range(155)]
+    assert not np.array_equal(first_pass, offset + 64 * np.arange(155))  # in a random order
+    second_pass = np.concatenate([windows(step, 31) for step in range(5, 10)])
+    assert len(set(second_pass)) == 155 and (second_pass + 64 + 1 <= 10_000).all()
+    assert not np.array_equal(np.sort(first_pass), np.sort(second_pass))  # at another offset, mostly
+    # a batch that straddles two passes, the same whoever asks, in whatever order
+    straddling = data.ShuffledWindows(5, 10_000, 64)(3, 40)  # windows 120..159: 35 of pass 0, 5 of pass 1
+    assert np.array_equal(straddling, np.concatenate([first_pass, second_pass])[120:160])
+    assert not np.array_equal(straddling, data.ShuffledWindows(6, 10_000, 64)(3, 40))
+
+
+@pytest.mark.parametrize("windows", ["random", "shuffled"])
+def test_training_batches_take_the_windows_that_windows_names(tmp_path, windows):
+    from slm.config import resolve
+
+    tokens = np.arange(3000) % 50_000
+    write_prepared(tmp_path, tokens, tokens[:300])
+    cfg = resolve("tiny", flags={"train": {"data": str(tmp_path), "windows": windows, "batch_size": 8,
+                                           "micro_batch_size": 4}})
+    batches = data.PretrainBatches(str(tmp_path), cfg, torch.device("cpu"))
+    T = cfg.model.block_size
+    starts = (data.ShuffledWindows(cfg.train.seed, 3000, T) if windows == "shuffled" else
+              lambda step, count: data.window_starts(cfg.train.seed, step, count, 3000, T))(2, 8)
+    x = torch.cat([inputs for inputs, _ in batches(2)])
+    assert x[:, 0].tolist() == starts.tolist()  # token i is i here
+
+
+def test_shuffled_windows_fit_in_data_barely_longer_than_a_window():
+    windows = data.ShuffledWindows(seed=0, n_tokens=40, block_size=32)
+    starts = np.concatenate([windows(step, 3) for step in range(50)])
+    assert starts.min() >= 0 and starts.max() + 32 + 1 <= 40 and len(set(starts)) > 1
+
+
 def test_data_shorter_than_a_window_is_a_clear_error(tmp_path):
     write_prepared(tmp_path, np.arange(20), np.arange(20))
     with pytest.raises(SlmError, match="lower --block-size"):

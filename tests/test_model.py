@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from slm.config import ModelConfig, TrainConfig
-from slm.model import GPT, IGNORE_INDEX
+from slm.model import GPT, IGNORE_INDEX, causal_attention
 from slm.optim import build_optimizers
 
 CFG = ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -42,6 +42,27 @@ def test_fused_attention_equals_manual_masked_softmax(model):
     x = torch.randn(2, 10, CFG.n_embd, generator=torch.Generator().manual_seed(2))
     attn = model.transformer.h[0].attn
     torch.testing.assert_close(attn(x), manual_attention(attn, x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 9, 40])
+def test_bfloat16_attention_on_a_cpu_is_sdpas_causal_attention_forward_and_backward(T, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    q, k, v, grad = (torch.randn(2, 3, T, 16, generator=g) for _ in range(4))
+
+    def run(attention, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves)
+        out.backward(grad.to(dtype))
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    reference = run(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), torch.float32)
+    with monkeypatch.context() as m:
+        m.setattr(F, "scaled_dot_product_attention", None)  # the matmul path must not hand over to SDPA
+        ours = run(lambda *t: causal_attention(*t, dropout_p=0.0), torch.bfloat16)
+        dropped = causal_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), dropout_p=1.0)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+    assert not dropped.any()
 
 
 def test_head_is_tied_to_the_token_embedding(model):

@@ -29,6 +29,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE = ("auto", "on", "off")
 OPTIMIZERS = ("adamw", "muon")
 DECAYS = ("cosine", "linear")
+WINDOW_ORDERS = ("random", "shuffled")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -83,6 +84,9 @@ class TrainConfig:
     min_learning_rate: float = _help("floor the decay ends at; at most learning_rate", 1e-4)
     decay: str = _help(f"shape of the learning rate's decay after warm-up: one of {', '.join(DECAYS)}", "cosine")
     warmup_steps: int = _help("optimizer steps of linear warm-up from 0 to learning_rate", 100)
+    windows: str = _help(f"how training windows are drawn: one of {', '.join(WINDOW_ORDERS)} (random: each anywhere, "
+                         "independently, as nanoGPT does; shuffled: each pass over the data cuts it into windows "
+                         "at a random offset and visits every one once, in random order)", "shuffled")
     optimizer: str = _help(f"one of {', '.join(OPTIMIZERS)} (muon: Muon for the blocks' weight matrices, AdamW for "
                            "embeddings, head, norms and biases)", "adamw")
     # 5e-3: the best of 2e-3, 5e-3 and 1e-2 on the cpu preset in 2 minutes. Keller Jordan's lr 0.02 under his
@@ -146,6 +150,8 @@ class TrainConfig:
             raise SlmError(f"--muon-momentum must be in [0, 1) (got {self.muon_momentum})")
         if self.decay not in DECAYS:
             raise SlmError(f"--decay must be one of {', '.join(DECAYS)} (got {self.decay!r})")
+        if self.windows not in WINDOW_ORDERS:
+            raise SlmError(f"--windows must be one of {', '.join(WINDOW_ORDERS)} (got {self.windows!r})")
         if self.optimizer not in OPTIMIZERS:
             raise SlmError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         if self.device not in DEVICES:
@@ -191,10 +197,18 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
+        """A config that a run saved: a field it lacks, it ran with that field's value from before the field."""
+        data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+        for (section, name), before in ADDED_FIELDS.items():
+            if isinstance(values := data.setdefault(section, {}), dict):
+                values.setdefault(name, before)
         return merge(cls(), data, source)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+# Fields added since runs were first saved, with the value that reproduces runs saved without them (where
+# that is not the field's default).
+ADDED_FIELDS: dict[tuple[str, str], Any] = {("train", "windows"): "random"}
 # Values that older runs saved and that mean something else now: (section, field, old value) -> new value.
 RENAMED_VALUES: dict[tuple[str, str, Any], Any] = {("train", "compile", True): "on", ("train", "compile", False): "off"}
 
