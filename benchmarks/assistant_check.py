@@ -1,12 +1,17 @@
 """A final check of an assistant on requests no choice was made on: other stories, other wordings.
 
-    python benchmarks/assistant_check.py ../shared/data/tinystories-sample RUN [RUN ...] --out /tmp/check.jsonl
+    python benchmarks/assistant_check.py ../shared/data/tinystories-sample RUN [RUN ...] --out /tmp/check.jsonl \
+        [eval-assistant flags: --temperature 0.7 --best-of 4 ...]
+    python benchmarks/assistant_check.py ../shared/data/tinystories-sample --out /tmp/check.jsonl \
+        --answers ANSWERS.jsonl --fluency-run RUN/pretrain   # score answers made elsewhere (an older slm)
 
 The recipe and the sampling were chosen on requests made from the first 200 stories of valid.txt
 (`slm make-instructions`' prompts). This check uses the stories after those, and wordings written here once,
-in none of slm's phrasing lists, the way a person might ask: "hey can you make up a bedtime story ...".
-Each asks for the story's main character and three of its words (the request the issue measures). It was
-run once, on the final recipe; its figures are reported, never tuned on.
+in none of slm's phrasing lists, the way a person might ask. Each asks for the story's main character and
+three of its words; a third also give the first sentence and a third the last one, in words of their own.
+CHECK_WORDINGS were written on 2026-12-06 before any answer to them was read, and run once on the final
+recipe (FREE_WORDINGS, the check of 2026-12-02, are kept to rerun that one); their figures are reported,
+never tuned on.
 """
 
 from __future__ import annotations
@@ -30,10 +35,24 @@ FREE_WORDINGS = [
     "Could I get a tale with {words} in it, starring {name}?",
     "Once-upon-a-time story please. Use these: {words}. The one it is about is called {name}.",
 ]
+CHECK_WORDINGS = [
+    "my daughter wants a story tonight. the main kid is {name}, and she asked for {words} to be in it",
+    "Short story for a 4 year old, please. It's about {name}. Try to use {words}.",
+    "Tell a little story about a child named {name}. The words {words} need to show up.",
+    "{name} goes on an adventure! Write it, and get {words} in there.",
+    "Can u do a kids story w/ {name}? must have {words}",
+    "I'm looking for a story where {name} is the main character and the words {words} are used.",
+    "A gentle tale, please, about {name}; somewhere in it say {words}.",
+    "Invent a story. Hero: {name}. It needs these three words: {words}.",
+]
+CHECK_STARTS = ['The very first line has to be "{sentence}"', "Use this as the opening sentence: {sentence}",
+                'Begin it exactly like this: "{sentence}"', "First sentence: {sentence}"]
+CHECK_ENDS = ['Wrap it up with "{sentence}"', "Its last sentence: {sentence}", 'Please end on: "{sentence}"',
+              "Make this the closing line: {sentence}"]
 FIRST = 200  # valid.txt's first stories made the prompts the recipe was chosen on
 
 
-def prompts(valid: Path, seed: int) -> list[dict]:
+def prompts(valid: Path, seed: int, wordings: str) -> list[dict]:
     stories = [s.strip() for s in valid.read_text(encoding="utf-8").split("<|endoftext|>") if s.strip()]
     rows = []
     for index, story in enumerate(stories[FIRST:]):
@@ -42,22 +61,56 @@ def prompts(valid: Path, seed: int) -> list[dict]:
         if not facts.name or len(facts.words) < 3:
             continue
         words = rng.sample(facts.words, 3)
-        request = rng.choice(FREE_WORDINGS).format(name=facts.name, words=word_list(words, rng))
-        rows.append({"kind": "story", "wording": "free", "constraints": {"name": facts.name, "words": words},
+        constraints = {"name": facts.name, "words": words}
+        request = rng.choice(FREE_WORDINGS if wordings == "free" else CHECK_WORDINGS).format(
+            name=facts.name, words=word_list(words, rng))
+        if wordings == "check":
+            ask = rng.random()
+            if ask < 1 / 3 and len(facts.sentences[0]) < 160:
+                constraints["starts"] = facts.sentences[0]
+                request += " " + rng.choice(CHECK_STARTS).format(sentence=facts.sentences[0])
+            elif ask < 2 / 3 and len(facts.sentences) >= 3 and len(facts.sentences[-1]) < 160:
+                constraints["ends"] = facts.sentences[-1]
+                request += " " + rng.choice(CHECK_ENDS).format(sentence=facts.sentences[-1])
+        rows.append({"kind": "story", "wording": wordings, "constraints": constraints,
                      "messages": [{"role": "user", "content": request}, {"role": "assistant", "content": story}]})
     return rows
+
+
+def score_answers(prompts_file: Path, answers_file: Path, fluency_run: str) -> dict:
+    """Scores of answers made elsewhere, one {"index", "answer", "ended"} row per prompt, as eval-assistant's."""
+    from slm import following
+    from slm.checkpoint import checkpoint_dir, load_model
+    from slm.eval_assistant import add_fluency, answer_scores, read_prompts, reference, summarize
+    from slm.tokenizer import get_tokenizer
+
+    rows = read_prompts(prompts_file)
+    answers = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    model, _, _ = load_model(checkpoint_dir(fluency_run, "best"))
+    tokenizer = get_tokenizer()
+    texts = [a["answer"] for a in answers]
+    scored = [answer_scores(rows[a["index"]][0]["constraints"], a["answer"], a.get("ended", True)) for a in answers]
+    gold = [spike for _, spike in following.surprise(model, tokenizer, [reference(row) for row, _ in rows])]
+    add_fluency(scored, texts, gold, following.surprise(model, tokenizer, texts))
+    return summarize([(rows[a["index"]][0]["wording"], s) for a, s in zip(answers, scored)])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sample", type=Path, help="folder with valid.txt")
-    parser.add_argument("runs", nargs="+")
+    parser.add_argument("runs", nargs="*")
     parser.add_argument("--out", type=Path, required=True, help="the prompts file to write")
+    parser.add_argument("--wordings", choices=("check", "free"), default="check")
+    parser.add_argument("--answers", type=Path, help="score these answers instead of running eval-assistant")
     parser.add_argument("--seed", type=int, default=2026)
     args, eval_flags = parser.parse_known_args()
-    rows = prompts(args.sample / "valid.txt", args.seed)
+    rows = prompts(args.sample / "valid.txt", args.seed, args.wordings)
     args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(f"{len(rows)} requests in {args.out}", file=sys.stderr)
+    if args.answers:
+        fluency = eval_flags[eval_flags.index("--fluency-run") + 1]
+        print(json.dumps(score_answers(args.out, args.answers, fluency)))
+        return 0
     subprocess.run([sys.executable, "-m", "slm", "eval-assistant", *args.runs, "--prompts", str(args.out),
                     *eval_flags], check=True)
     return 0

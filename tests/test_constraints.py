@@ -81,3 +81,38 @@ def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wordin
     assert request_words('Story time! Character: Sue. Keywords: "jump", "blue".') == ["Sue", "jump", "blue"]
     assert request_words("Tell me a story.") == []
     assert request_words("word " * 41) == []  # a long message holds text to work on, not a request
+
+
+@pytest.mark.parametrize("message, asked", [
+    ('Write a story about Lily. Open with "Lily had a red ball." Use the words tree and happy.',
+     {"starts": "Lily had a red ball.", "words": ["Lily", "tree", "happy"]}),
+    ("Tell me a tale. The final line should read: They all went home happy.",
+     {"ends": "They all went home happy."}),
+    ("Begin it exactly like this: \u201cTom ran to the park.\u201d Then make it end on: The sun went down.",
+     {"starts": "Tom ran to the park.", "ends": "The sun went down."}),
+    ("Write a story that starts with a dog.", {"words": ["dog"]}),  # no sentence given: a word, not an opening
+    ("A story about Sue. Leave out any spoken lines.", {"words": ["Sue"], "dialogue": False}),
+    ("A story about Sue where the characters talk a lot.", {"words": ["Sue"], "dialogue": True}),
+])
+def test_a_request_is_read_from_its_own_words_whatever_its_wording(message, asked):
+    from slm.constraints import read_request
+
+    assert read_request(message) == asked
+
+
+def test_the_checker_catches_repeats_glued_and_miscased_words_and_a_stuffed_first_sentence():
+    from slm.constraints import first_sentence_words, flaws, glued_words, miscased_words, repeats_a_sentence
+
+    asked = {"name": "Lily", "words": ["together", "sun", "ball"]}
+    assert glued_words(asked, "She heard aTogether Lily.") == 1
+    assert glued_words(asked, "You are a greatSun!") == 1
+    assert glued_words(asked, "They played together in the sun. The Sun was up.") == 0
+    assert miscased_words(asked, "Then lily ran.") == 1  # a name in lower case
+    assert miscased_words(asked, "Max was a happy Ball.") == 1  # a word capitalized mid-sentence
+    assert miscased_words(asked, 'Lily ran. "Ball!" she said. Sun was up.') == 0  # a sentence may start with one
+    assert repeats_a_sentence("She did not listen to her mom. Then she ran. She did not listen to her mom!")
+    assert not repeats_a_sentence("Lily ran. Lily ran far. Yes. Yes.")  # short sentences come twice in stories
+    assert first_sentence_words(asked, "Lily played together with the ball in the sun. Then she slept.") == 3
+    assert first_sentence_words(asked, "Lily woke up. She played with a ball.") == 0
+    assert flaws(asked, STORY) == {"repeats": 0.0, "glued": 0.0, "miscased": 0.0,
+                                   "first_words": float(first_sentence_words(asked, STORY))}

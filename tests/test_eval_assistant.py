@@ -64,12 +64,14 @@ def test_eval_assistant_scores_two_runs_side_by_side_per_wording_and_as_json(tin
     assert main(argv) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["run", "wording", *SCORES]
-    assert [line.split()[:2] for line in table[1:]] == [[str(run), w] for run in (tiny_run, other)
+    assert [line.split()[:2] for line in table[1:]] == [[str(run), w] for run in ("gold", tiny_run, other)
                                                         for w in ("all", "seen", "held_out")]
-    assert [line.split()[2:] for line in table[1:4]] == [line.split()[2:] for line in table[4:]]  # same weights
+    assert [line.split()[2:] for line in table[4:7]] == [line.split()[2:] for line in table[7:]]  # same weights
+    assert [float(x) for x in table[1].split()[2:4]] == [1.0, 1.0]  # the reference stories do what they were asked
     assert main(argv + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["counts"] == {"seen": 3, "held_out": 3} and len(report["results"]) == 2
+    assert report["counts"] == {"seen": 3, "held_out": 3} and len(report["results"]) == 3
     for result in report["results"]:
         for scores in result["scores"].values():
-            assert all(scores[s] is None or 0 <= scores[s] <= 1 for s in SCORES if s != "n_words")
+            assert all(scores[s] is None or 0 <= scores[s] <= 1 for s in SCORES
+                       if s not in ("n_words", "loss", "first_words"))

@@ -500,41 +500,91 @@ def test_generate_and_eval_accept_dtype_bfloat16(tiny_run, tiny_data, capsys):
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
 
 
-def test_word_first_ids_are_the_first_ids_of_each_written_form_that_hold_the_word():
-    from slm.constraints import word_first_ids
+def test_word_forms_are_the_first_ids_of_each_written_form_by_where_it_fits():
+    from slm.constraints import word_forms
     from slm.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
-    [ball, lily] = word_first_ids(tok, ["ball", "Lily"])
-    assert {tok.encode(" ball")[0], tok.encode(" Ball")[0], tok.encode("Ball")[0]} <= ball
-    assert tok.encode(" Lily")[0] in lily and tok.encode(" lily")[0] not in lily  # a name keeps its case
-    for ids in word_first_ids(tok, ["strawberries", "umbrella"]):
-        assert all(len(tok.decode([i]).strip()) >= 3 for i in ids)  # never a bare " st" or " u"
+    [ball, lily, roxy] = word_forms(tok, ["ball", "Lily", "Roxy"])
+    assert (ball.mid, ball.start, ball.bare) == ({tok.encode(" ball")[0]}, {tok.encode(" Ball")[0]},
+                                                 {tok.encode("Ball")[0]})
+    assert lily.mid == lily.start == {tok.encode(" Lily")[0]} and tok.encode(" lily")[0] not in lily.mid
+    assert roxy.mid == {tok.encode(" Roxy")[0]} and roxy.rest[tok.encode(" Roxy")[0]] == tuple(tok.encode(" Roxy")[1:])
+    for forms in word_forms(tok, ["strawberries", "umbrella"]):
+        assert all(len(tok.decode([i]).strip()) >= 3 for i in forms.mid | forms.start | forms.bare)  # never " st"
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, top_p=0.9)], ids=["greedy", "top-p"])
-def test_a_word_bias_writes_each_requested_word_once_then_lets_the_model_be(gpt2_model, sampling):
-    from slm.constraints import word_first_ids
-    from slm.batching import complete
-    from slm.tokenizer import get_tokenizer
+def biased_ids(text: str, words: list[str], strength: float = 8.0) -> set[str]:
+    """The pieces a word bias pushes after `text` was written by the row."""
+    from slm.constraints import word_forms
+    from slm.sampling import LogitBias
 
-    tok = get_tokenizer()  # gpt2_model is random: by itself it would never write these words
-    words = [word_first_ids(tok, ["ball", "tree"]), word_first_ids(tok, ["Lily"])]
-    settings = SamplingSettings(max_new_tokens=12, word_bias=100.0, **sampling)
-    prompts = [tok.encode("Once upon a time"), tok.encode("Tom had")]
-    pushed = complete(gpt2_model, tok, prompts, settings, torch.Generator().manual_seed(0), words)
-    plain = complete(gpt2_model, tok, prompts, dataclasses.replace(settings, word_bias=0.0),
-                     torch.Generator().manual_seed(0), words)
-    first_ids = [tok.encode(p.text)[:2] for p in pushed]
-    assert set(first_ids[0]) <= words[0][0] | words[0][1] and len({i in words[0][0] for i in first_ids[0]}) == 2
-    assert first_ids[1][0] in words[1][0] and first_ids[1][1] not in words[1][0]  # once: then the bias is gone
-    assert "ball" not in plain[0].text and "Lily" not in plain[1].text
+    tok = get_tokenizer()
+    settings = SamplingSettings(word_bias=strength)
+    bias = LogitBias([word_forms(tok, words)], settings, 50257, torch.device("cpu"), [tok.encode(text)])
+    return {tok.decode([i]) for i in torch.nonzero(bias.bias[0] > 0).flatten().tolist()}
+
+
+@pytest.mark.parametrize("text, pushed", [
+    ("Tom was sad. She heard a", {" together", " sun"}),  # mid-sentence: never "Together" glued onto "a"
+    ("Tom was sad. You are a great", {" together", " sun"}),
+    ("Tom was sad. They went home.", {" Together", " Sun"}),  # a sentence's first word
+    ('Tom was sad. He said, "', {"Together", "Sun"}),  # after an opening quote, no space
+    ("Tom was sad.\n", {"Together", "Sun"}),  # after a newline
+])
+def test_a_word_bias_pushes_only_forms_that_cannot_glue_onto_the_word_before(text, pushed):
+    assert biased_ids(text, ["together", "sun"]) == pushed
+
+
+def test_a_word_bias_pushes_names_at_once_other_words_after_the_first_sentence_and_finishes_a_name():
+    tok = get_tokenizer()
+    assert biased_ids("Once upon a time", ["ball", "Roxy"]) == {tok.decode(tok.encode(" Roxy")[:1])}
+    assert biased_ids("Once upon a time there was", ["ball", "Roxy"]) >= {tok.decode(tok.encode(" Roxy")[:1])}
+    assert " ball" not in biased_ids("Once upon a time there was a", ["ball"])  # the first sentence goes free
+    assert " ball" in biased_ids("Lily woke up. She saw a", ["ball"])
+    begun = "Lily woke up. She met" + tok.decode(tok.encode(" Roxy")[:1])
+    assert biased_ids(begun, ["Roxy"]) == {tok.decode(tok.encode(" Roxy")[1:2])}  # the rest of the name
+    assert biased_ids("Lily woke up. She met Roxy and a", ["Roxy", "ball"]) == {" ball"}  # written: no more bias
+
+
+def test_dry_penalizes_the_id_that_would_extend_a_repeat_more_the_longer_the_repeat():
+    from slm.sampling import LogitBias
+
+    settings = SamplingSettings(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
+    history = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7]  # "5 6 7" came before, followed by 8
+    bias = LogitBias([[]], settings, 50257, torch.device("cpu"), [history]).bias[0]
+    assert bias[8].item() == pytest.approx(-0.8 * 1.75 ** (3 - 2))
+    assert (bias < 0).sum().item() == 1  # only the id that would go on repeating
+    short = LogitBias([[]], settings, 50257, torch.device("cpu"), [[5, 6, 1, 5]]).bias[0]
+    assert (short < 0).sum().item() == 0  # a repeat of one id is allowed
+    newline = get_tokenizer().encode("\n")[0]  # a breaker: the match does not cross it
+    broken = LogitBias([[]], settings, 50257, torch.device("cpu"), [[newline, 6, 7, 1, newline, 6, 7]]).bias[0]
+    assert broken[1].item() == pytest.approx(-0.8 * 1.75 ** (2 - 2))
+
+
+def test_greedy_decoding_with_dry_repeats_less():
+    def longest_repeat(ids: list[int]) -> int:  # the longest run of ids that comes twice
+        return max((n for n in range(1, len(ids)) for i in range(len(ids) - n)
+                    if any(ids[i:i + n] == ids[j:j + n] for j in range(i + 1, len(ids) - n + 1))), default=0)
+
+    lively, settings = lively_model(), dataclasses.replace(GREEDY, max_new_tokens=20)
+    plain = torch.stack(list(decode(lively, [[1, 2, 3]], settings)), dim=1)[0].tolist()
+    dry = torch.stack(list(decode(lively, [[1, 2, 3]], dataclasses.replace(settings, dry_multiplier=5.0))),
+                      dim=1)[0].tolist()
+    assert longest_repeat(plain) > 2 and longest_repeat(dry) <= 2  # DRY allows repeats of dry_allowed_length
+
+
+def name(first_id: int):
+    """A requested name whose every form starts with this id."""
+    from slm.constraints import WordForms
+
+    return WordForms(str(first_id), True, frozenset({first_id}), frozenset({first_id}), frozenset({first_id}), {})
 
 
 def test_a_word_bias_reaches_any_id_of_a_compact_head_even_one_never_seen_in_training(compact):
     model, _ = compact  # ids 7 and 42 were never seen in training: the rarest ids of the head
     settings = SamplingSettings(temperature=0, max_new_tokens=3, word_bias=100.0)
-    rows = list(decode(model, [[1, 2], [3]], settings, words=[[frozenset({7})], [frozenset({42}), frozenset({5})]]))
+    rows = list(decode(model, [[1, 2], [3]], settings, words=[[name(7)], [name(42), name(5)]]))
     ids = torch.stack(rows, dim=1).tolist()
     assert ids[0][0] == 7 and 7 not in ids[0][1:]  # written once, then the bias is gone
     assert sorted(ids[1][:2]) == [5, 42]

@@ -239,7 +239,8 @@ def test_an_api_key_is_enforced_when_set(tiny_run):
         assert friend.completions.create(model=tiny_run.name, prompt="Tom", max_tokens=2).choices
         assert httpx.get(f"{base}/health").json() == {
             "status": "ok", "model": tiny_run.name, "max_tokens": 4, "api_key_required": True,
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0}}  # OpenAI's
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0,
+                         "dry_multiplier": 0.0, "best_of": 1}}  # OpenAI's
 
 
 def test_settings_a_request_leaves_out_come_from_the_runs_sampling_json(tiny_run, tmp_path, model):
@@ -249,16 +250,23 @@ def test_settings_a_request_leaves_out_come_from_the_runs_sampling_json(tiny_run
     with serve_in_thread(create_app(run, device="cpu", max_tokens=12)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         assert httpx.get(f"{base}/health").json()["sampling"] == {"temperature": 0.0, "top_p": 1.0,
-                                                                  "repetition_penalty": 1.0, "word_bias": 0.0}
+                                                                  "repetition_penalty": 1.0, "word_bias": 0.0,
+                                                                  "dry_multiplier": 0.0, "best_of": 1}
         texts = {client.completions.create(model="greedy", prompt="Tom", seed=seed).choices[0].text for seed in (1, 2)}
         assert texts == {alone(model, get_tokenizer().encode("Tom"), 12)}  # greedy whatever the seed
         sampled = {client.completions.create(model="greedy", prompt="Tom", seed=seed, temperature=2.0).choices[0].text
                    for seed in (1, 2, 3)}
         assert len(sampled) > 1  # a request's own temperature wins
-        asked = [{"role": "user", "content": "Write about a dragon."}]
+        asked = [{"role": "user", "content": "Write about Draco."}]  # a name is pushed from the first id
         plain = client.chat.completions.create(model="greedy", messages=asked).choices[0].message.content
         pushed = client.chat.completions.create(model="greedy", messages=asked, extra_body={"word_bias": 100})
-        assert "dragon" not in plain.lower() and pushed.choices[0].message.content.lstrip().lower().startswith("dragon")
+        assert "Draco" not in plain and pushed.choices[0].message.content.lstrip().startswith("Draco")
+        best = client.chat.completions.create(model="greedy", messages=asked, n=2, temperature=1.0, seed=3,
+                                              extra_body={"best_of": 3, "word_bias": 100})
+        assert len(best.choices) == 2 and all("Draco" in c.message.content for c in best.choices)
+        ending = [{"role": "user", "content": "Write about a dog. The last sentence: They slept well."}]
+        ended = client.chat.completions.create(model="greedy", messages=ending).choices[0].message.content
+        assert ended.endswith("They slept well.")
     (run / "sampling.json").write_text('{"temperature": "hot"}')
     assert main(["serve", str(run)]) == 2  # a bad file is a one-line error, not a traceback
 

@@ -33,7 +33,7 @@ from slm.constraints import Words
 from slm.errors import SlmError
 from slm.kv_cache import SlotCache
 from slm.model import GPT
-from slm.sampling import SamplingSettings, WordBias, make_generator, make_picker
+from slm.sampling import LogitBias, SamplingSettings, make_generator, make_picker
 from slm.tokenizer import StopText, StreamDecoder, Tokenizer
 
 
@@ -79,7 +79,7 @@ class Sequence:
     owner: Any  # what the caller ties the row to (slm serve: the request and the choice)
     pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # rows with the same picker are picked in one call
     seen: torch.Tensor | None = None  # (1, V): ids of its prompt and output, for the repetition penalty
-    pushed: WordBias | None = None  # its requested words' logit bias
+    pushed: LogitBias | None = None  # its requested words' and DRY's logit bias
     cached: int = 0  # ids of `context` in its slot; 0 until prefilled
     next_id: int | None = None  # picked, not yet fed
     generated: int = 0  # ids picked so far, end-of-text and stop strings included
@@ -106,9 +106,10 @@ class Engine:
         self.shared_pickers: dict[SamplingSettings, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def add(self, prompt: list[int], settings: SamplingSettings, seed: int | None = None,
-            words: Words | None = None, owner: Any = None) -> Sequence:
+            words: Words | None = None, owner: Any = None, written: int = 0) -> Sequence:
         """Queue a sequence for the next step (SlmError for bad settings or an empty prompt). A prompt longer
-        than the context keeps its end."""
+        than the context keeps its end. The prompt's last `written` ids are the answer's own first ids (a
+        requested first sentence): the word bias and DRY count them as written."""
         settings.check(self.model.config.vocab_size)
         if not prompt:
             raise SlmError("every prompt needs at least one token; end-of-text alone starts a new document")
@@ -120,8 +121,9 @@ class Engine:
         if settings.repetition_penalty != 1:
             row.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=self.device)
             row.seen[0, prompt] = True
-        if words and settings.word_bias:
-            row.pushed = WordBias([words], settings.word_bias, vocab_size, self.device)
+        if (words and settings.word_bias) or settings.dry_multiplier:
+            row.pushed = LogitBias([words or []], settings, vocab_size, self.device,
+                                   [prompt[len(prompt) - written:]] if written else None)
         if seed is not None or row.seen is not None or row.pushed is not None:  # a picker of its own
             generator = self.generator if seed is None else make_generator(self.device, seed)
             row.pick = make_picker(self.model, settings, generator, row.seen, row.pushed and row.pushed.bias)
@@ -215,14 +217,15 @@ class Engine:
 
 
 def stream(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,
-           generator: torch.Generator | None = None, words: list[Words] | None = None) -> Iterator[TextDelta]:
+           generator: torch.Generator | None = None, words: list[Words] | None = None,
+           written: int = 0) -> Iterator[TextDelta]:
     """Text deltas of every row (its index in prompts) as its ids arrive, until each row has finished: at
     end-of-text (not part of its text), at a stop string (nor is that) or after max_new_tokens ids. The
-    rows share `generator`. The settings and prompts are checked on the call (SlmError), before anything
-    is generated."""
+    rows share `generator`; each prompt's last `written` ids are its answer's own (Engine.add). The settings
+    and prompts are checked on the call (SlmError), before anything is generated."""
     engine = Engine(model, tokenizer, len(prompts), generator)
     for row, ids in enumerate(prompts):
-        engine.add(ids, settings, words=words[row] if words else None, owner=row)
+        engine.add(ids, settings, words=words[row] if words else None, owner=row, written=written)
     return _run(engine)
 
 

@@ -42,7 +42,6 @@ from slm.config import Config, add_checkpoint_choice, add_placement
 from slm.device import pick_device, pick_dtype
 from slm.distributed import World
 from slm.errors import SlmError
-from slm.constraints import request_words, word_first_ids
 from slm.batching import stream
 from slm.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, make_generator
 from slm.model import GPT, IGNORE_INDEX
@@ -101,12 +100,6 @@ def render(messages: list[Message], add_generation_prompt: bool = False) -> tupl
 def conversation_ids(messages: list[Message]) -> list[int]:
     """The ids to generate the next assistant message from: the conversation, then the assistant marker."""
     return render(messages, add_generation_prompt=True)[0]
-
-
-def request_words_of(messages: list[Message]) -> list[str]:
-    """The words the newest user message names (constraints.request_words), for --word-bias."""
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    return request_words(users[-1]) if users else []
 
 
 def fit_context(messages: list[Message], max_tokens: int) -> list[Message]:
@@ -286,10 +279,17 @@ class ChatSession:
     def answer(self, messages: list[Message]) -> Iterator[str]:
         """Stream the text of the next assistant message, which ends at end-of-text. The prompt leaves room
         for an answer of up to half the context; a longer one slides the window over its own beginning."""
+        from slm import following  # following decodes on the engine, which chat's data functions do not need
+
         fitted = fit_for_answer(messages, self.model.config.block_size, self.settings.max_new_tokens)
-        words = [word_first_ids(get_tokenizer(), request_words_of(messages))] if self.settings.word_bias else None
-        for delta in stream(self.model, get_tokenizer(), [conversation_ids(fitted)], self.settings, self.generator,
-                            words):
+        tokenizer, plan = get_tokenizer(), following.plan(get_tokenizer(), messages)
+        if self.settings.best_of > 1 or plan.constraints.get("ends"):  # the answer is known once it is chosen
+            yield following.answers(self.model, tokenizer, [conversation_ids(fitted)], [plan], self.settings,
+                                    self.generator)[0].text
+            return
+        yield plan.starts
+        for delta in stream(self.model, tokenizer, [conversation_ids(fitted) + plan.start_ids], self.settings,
+                            self.generator, [plan.words], written=len(plan.start_ids)):
             yield delta.text
 
     def say(self, text: str) -> Iterator[str]:
@@ -378,6 +378,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or the output get less likely (default: the run's sampling.json, else 1, none)")
     p.add_argument("--word-bias", type=float, default=None, help="added to the logits of the words a request "
                    "names until the answer uses each (default: the run's sampling.json, else 0)")
+    p.add_argument("--dry-multiplier", type=float, default=None, help="DRY: ids that would go on repeating the "
+                   "answer's own text lose this much of their logit, growing with the repeat's length (default: the "
+                   "run's sampling.json, else 0, none)")
+    p.add_argument("--best-of", type=int, default=None, help="answers decoded per message, of which the one that "
+                   "best follows it is shown, once chosen (default: the run's sampling.json, else 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling; the same seed gives the same answers")
 
 
@@ -386,8 +391,8 @@ def main(args) -> int:
     folder = checkpoint_dir(args.run, args.checkpoint)
     model, cfg, _ = load_model(folder, device, pick_dtype(args.dtype, device))
     # The run's own sampling (RUN/sampling.json) where no flag is given, else the defaults of every command.
-    given = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "word_bias")
-             if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "word_bias",
+                                                 "dry_multiplier", "best_of") if getattr(args, key) is not None}
     settings = SamplingSettings(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                                 **{"temperature": DEFAULT_TEMPERATURE, **read_sampling(args.run), **given})
     settings.check(cfg.model.vocab_size)

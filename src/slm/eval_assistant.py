@@ -12,6 +12,20 @@ scored by constraints.check, the checker that also built the requests, and by wh
     ended     share of answers that ended by themselves (end-of-text) within --max-new-tokens
     n_words   mean answer length in words
     distinct4 mean share of distinct word 4-grams within an answer: 1 is no repetition, low is a loop
+    all_words share of answers that use every requested word
+    repeats   share of answers that repeat a sentence of 3+ words
+    glued, miscased   share of answers with a requested word glued to the next or previous word
+              ("aTogether"), or in the wrong case (a name in lower case, a word capitalized mid-sentence)
+    first_words       mean number of requested words in the answer's first sentence
+    loss      mean loss per token of the answer as a plain story under --fluency-run (default: the first
+              run's pretrain/ folder where it has one, else the first run)
+    spiky     share of answers whose most surprising word (the highest loss over a word's tokens) is above the
+              95th percentile of the reference stories' most surprising words: a forced word is such a spike
+
+The reference stories (each prompt's own) are scored too, as the line "gold", so that every figure has
+what a human-written story gets. Answers are made as `slm chat` and `slm serve` make them (slm.following):
+the request is read from its text, a requested first sentence starts the answer, a requested last sentence
+ends it, and with --best-of N the best of N candidates is kept.
 
 Each score is reported over all prompts and apart for seen and held-out wordings. Answers are greedy by
 default (--temperature 0), so the scores belong to the checkpoint, not to luck.
@@ -28,18 +42,20 @@ from typing import Any
 
 import torch
 
-from slm.chat import Message, check_messages, conversation_ids, request_words_of
+from slm import following
+from slm.chat import Message, check_messages, conversation_ids, fit_for_answer
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.config import add_checkpoint_choice, add_placement
-from slm.constraints import check, distinct_4grams, is_story, word_count, word_first_ids
+from slm.constraints import check, distinct_4grams, flaws, is_story, word_count
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
-from slm.batching import complete
+from slm.runfiles import write_text_atomic
 from slm.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingSettings, make_generator
 from slm.tokenizer import get_tokenizer
 
 CONSTRAINTS = ("words", "name", "starts", "ends", "dialogue", "length")
-SCORES = (*CONSTRAINTS, "story", "ended", "n_words", "distinct4")
+SCORES = (*CONSTRAINTS, "all_words", "story", "ended", "n_words", "distinct4", "repeats", "glued", "miscased",
+          "first_words", "loss", "spiky")
 WORDINGS = ("all", "seen", "held_out")
 Prompt = tuple[dict[str, Any], list[Message]]
 
@@ -79,9 +95,21 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
 
 def answer_scores(constraints: dict[str, Any], answer: str, ended: bool) -> dict[str, float]:
-    """Every score of one answer: each constraint's (constraints.check), then what makes it a story."""
-    return {**check(constraints, answer), "story": float(is_story(answer)), "ended": float(ended),
-            "n_words": float(word_count(answer)), "distinct4": distinct_4grams(answer)}
+    """Every score of one answer but fluency's: each constraint's (constraints.check), what makes it a
+    story, and its flaws (constraints.flaws)."""
+    scores = {**check(constraints, answer), "story": float(is_story(answer)), "ended": float(ended),
+              "n_words": float(word_count(answer)), "distinct4": distinct_4grams(answer), **flaws(constraints, answer)}
+    if "words" in constraints:
+        scores["all_words"] = float(scores["words"] == 1)
+    return scores
+
+
+def add_fluency(scored: list[dict[str, float]], answers: list[str], gold: list[float],
+                surprises: list[tuple[float, float]]) -> None:
+    """Each answer's mean loss and whether its spike passes the 95th percentile of the gold spikes."""
+    threshold = sorted(gold)[min(len(gold) - 1, int(0.95 * len(gold)))] if gold else float("inf")
+    for scores, (loss, spike) in zip(scored, surprises):
+        scores["loss"], scores["spiky"] = loss, float(spike > threshold)
 
 
 def summarize(scored: list[tuple[str, dict[str, float]]]) -> dict[str, dict[str, float | None]]:
@@ -97,27 +125,49 @@ def summarize(scored: list[tuple[str, dict[str, float]]]) -> dict[str, dict[str,
 
 def answer_prompts(model: torch.nn.Module, prompts: list[Prompt], settings: SamplingSettings,
                    generator: torch.Generator | None, batch_size: int) -> list[tuple[str, bool]]:
-    """(answer text, ended by itself) for each prompt, decoded batch_size at a time."""
+    """(answer text, ended by itself) for each prompt, batch_size prompts at a time (each best_of rows)."""
     answers, tokenizer = [], get_tokenizer()
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        words = ([word_first_ids(tokenizer, request_words_of(conversation)) for _, conversation in batch]
-                 if settings.word_bias else None)
-        done = complete(model, tokenizer, [conversation_ids(conversation) for _, conversation in batch], settings,
-                        generator, words)
+        batch = [fit_for_answer(conversation, model.config.block_size, settings.max_new_tokens)
+                 for _, conversation in prompts[start:start + batch_size]]
+        plans = [following.plan(tokenizer, conversation) for conversation in batch]
+        done = following.answers(model, tokenizer, [conversation_ids(c) for c in batch], plans, settings, generator)
         answers += [(a.text, a.finish_reason == "stop") for a in done]  # no stop strings: stop is end-of-text
     return answers
 
 
+def reference(row: dict[str, Any]) -> str | None:
+    """The prompt's own story, the last assistant message of its row, if it has one."""
+    last = row.get("messages", [{}])[-1]
+    return last.get("content") if isinstance(last, dict) and last.get("role") == "assistant" else None
+
+
 def score_run(folder: Path, prompts: list[Prompt], device: torch.device, settings: SamplingSettings, seed: int,
-              batch_size: int, dtype: torch.dtype = torch.float32) -> tuple[dict[str, Any], list[str]]:
-    """(scores per wording, answers) of one checkpoint over the prompts."""
+              batch_size: int, dtype: torch.dtype = torch.float32,
+              fluency: torch.nn.Module | None = None) -> tuple[dict[str, Any], list[str]]:
+    """(scores per wording, answers) of one checkpoint over the prompts; with a `fluency` model, also each
+    answer's loss and spike against the reference stories'."""
     model, cfg, _ = load_model(folder, device, dtype)
     settings.check(cfg.model.vocab_size)
     answers = answer_prompts(model, prompts, settings, make_generator(device, seed), batch_size)
-    scored = [(row.get("wording", "seen"), answer_scores(row["constraints"], text, ended))
-              for (row, _), (text, ended) in zip(prompts, answers)]
-    return summarize(scored), [text for text, _ in answers]
+    texts = [text for text, _ in answers]
+    scored = [answer_scores(row["constraints"], text, ended) for (row, _), (text, ended) in zip(prompts, answers)]
+    if fluency is not None:
+        gold = [story for row, _ in prompts if (story := reference(row))]
+        tokenizer = get_tokenizer()
+        gold_spikes = [spike for _, spike in following.surprise(fluency, tokenizer, gold)]
+        add_fluency(scored, texts, gold_spikes, following.surprise(fluency, tokenizer, texts))
+    return summarize([(row.get("wording", "seen"), s) for (row, _), s in zip(prompts, scored)]), texts
+
+
+def score_gold(prompts: list[Prompt], fluency: torch.nn.Module) -> dict[str, Any]:
+    """The reference stories' own scores, as if each were the answer to its prompt."""
+    rows = [(row, story) for row, _ in prompts if (story := reference(row))]
+    tokenizer = get_tokenizer()
+    surprises = following.surprise(fluency, tokenizer, [story for _, story in rows])
+    scored = [answer_scores(row["constraints"], story, True) for row, story in rows]
+    add_fluency(scored, [story for _, story in rows], [spike for _, spike in surprises], surprises)
+    return summarize([(row.get("wording", "seen"), s) for (row, _), s in zip(rows, scored)])
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -151,6 +201,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="above 1, ids already in the prompt or the output get less likely (default: 1, none)")
     p.add_argument("--word-bias", type=float, default=0.0,
                    help="added to the logits of the words a request names until the answer uses each (default: 0)")
+    p.add_argument("--dry-multiplier", type=float, default=0.0,
+                   help="DRY: ids that would go on repeating the answer's own text lose this much of their logit, "
+                   "growing with the repeat's length (default: 0, none)")
+    p.add_argument("--best-of", type=int, default=1,
+                   help="answers decoded per request, of which the one that best follows it is kept (default: 1)")
+    p.add_argument("--fluency-run", default=None, metavar="RUN", help="the model whose surprise scores fluency "
+                   "(default: the first run's pretrain/ folder where it has one, else the first run)")
+    p.add_argument("--answers-out", default=None, metavar="FILE",
+                   help="also write every answer, with its request and scores, as JSONL")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling when --temperature > 0 (default: 0)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
     p.add_argument("--show", type=int, default=0, metavar="N", help="also print the first N answers of each run")
@@ -167,21 +226,33 @@ def main(args) -> int:
     prompts = read_prompts(args.prompts)[:args.limit]
     device = pick_device(args.device)
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                                max_new_tokens=args.max_new_tokens, word_bias=args.word_bias)
-    results = []
+                                max_new_tokens=args.max_new_tokens, word_bias=args.word_bias,
+                                dry_multiplier=args.dry_multiplier, best_of=args.best_of)
+    dtype = pick_dtype(args.dtype, device)
+    fluency_run = args.fluency_run or next((str(p) for p in [Path(args.runs[0]) / "pretrain"] if p.is_dir()),
+                                           args.runs[0])
+    fluency, _, _ = load_model(checkpoint_dir(fluency_run, args.checkpoint), device, dtype)
+    results = [{"run": "gold", "checkpoint": None, "scores": score_gold(prompts, fluency)}]
+    written = []
     for run, folder in zip(args.runs, folders):
-        scores, answers = score_run(folder, prompts, device, settings, args.seed, args.micro_batch_size,
-                                    pick_dtype(args.dtype, device))
+        scores, answers = score_run(folder, prompts, device, settings, args.seed, args.micro_batch_size, dtype,
+                                    fluency)
         results.append({"run": str(run), "checkpoint": str(folder), "scores": scores})
+        written += [{"run": str(run), "index": i, "request": conversation[-1]["content"], "answer": answer,
+                     "constraints": row["constraints"]} for i, ((row, conversation), answer)
+                    in enumerate(zip(prompts, answers))]
         if args.show:
             for (_, conversation), answer in zip(prompts[:args.show], answers):
                 print(f"--- {run}: {conversation[-1]['content']}\n{answer.strip()}\n", file=sys.stderr)
+    if args.answers_out:
+        write_text_atomic(Path(args.answers_out), "".join(json.dumps(row) + "\n" for row in written))
     counts = {w: sum(row.get("wording", "seen") == w for row, _ in prompts) for w in WORDINGS[1:]}
     if args.json:
         print(json.dumps({"prompts": str(args.prompts), "counts": counts, "results": results}))
     else:
         how = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}, seed {args.seed}"
         print(f"{args.prompts}: {counts['seen']} prompts in seen wordings, {counts['held_out']} in held-out ones; "
-              f"{how}, up to {args.max_new_tokens} new tokens", file=sys.stderr)
+              f"{how}, best of {args.best_of}, up to {args.max_new_tokens} new tokens; fluency by {fluency_run}",
+              file=sys.stderr)
         print(table(results))
     return 0

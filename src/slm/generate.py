@@ -25,7 +25,7 @@ from slm.config import add_checkpoint_choice, add_placement
 from slm.constraints import Words
 from slm.errors import SlmError
 from slm.model import GPT
-from slm.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, WordBias, make_generator,
+from slm.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, LogitBias, make_generator,
                           make_picker)
 from slm.tokenizer import Tokenizer
 
@@ -36,7 +36,7 @@ def decode(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
            words: list[Words] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) of every row, settings.max_new_tokens times, after prompts of any lengths; every
     row runs to the end (stop strings and end-of-text are text's business: batching.stream). `words`: each
-    row's requested words (word_first_ids), pushed by settings.word_bias. The settings and prompts are checked
+    row's requested words (constraints.word_forms), pushed by settings.word_bias. The settings and prompts are checked
     on the call, before the first step is asked for. Full recompute takes prompts of one length."""
     settings.check(model.config.vocab_size)
     if not prompts or not all(prompts):
@@ -70,8 +70,8 @@ def _recomputed_steps(model: GPT, prompts: list[list[int]], settings: SamplingSe
         for row, ids in enumerate(prompts):
             seen[row, ids] = True
     pushed = None
-    if words and settings.word_bias and any(words):
-        pushed = WordBias(words, settings.word_bias, model.config.vocab_size, device)
+    if (words and settings.word_bias and any(words)) or settings.dry_multiplier:
+        pushed = LogitBias(words or [[] for _ in prompts], settings, model.config.vocab_size, device)
     pick = make_picker(model, settings, generator, seen, pushed.bias if pushed else None)
     for _ in range(settings.max_new_tokens):
         next_id = pick(model.hidden(context)[:, -1])  # (B,)

@@ -114,7 +114,7 @@ class MetricsLog:
 
 SAMPLING_FILE = "sampling.json"
 SAMPLING_KEYS = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "repetition_penalty": (1e-9, 10.0),
-                 "word_bias": (0.0, 100.0)}
+                 "word_bias": (0.0, 100.0), "dry_multiplier": (0.0, 100.0), "best_of": (1, 16)}
 
 
 def read_sampling(run: str | Path) -> dict[str, float]:
@@ -131,6 +131,8 @@ def read_sampling(run: str | Path) -> dict[str, float]:
             low, high = SAMPLING_KEYS[key]
             if not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"{key} must be a number in [{low:g}, {high:g}]")
+            if key == "best_of" and value != int(value):
+                raise ValueError("best_of must be a whole number")
     except ValueError as err:
         raise SlmError(f"{path} is not valid ({err}); fix or delete it") from None
-    return {key: float(value) for key, value in values.items()}
+    return {key: int(value) if key == "best_of" else float(value) for key, value in values.items()}

@@ -6,6 +6,7 @@ state into next ids. A compact head samples its class, then the id (CompactSampl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,9 +15,11 @@ import torch
 from slm.constraints import Words
 from slm.errors import SlmError
 from slm.model import GPT, CompactHead
+from slm.tokenizer import get_tokenizer
 
 
 MAX_NEW_TOKENS = 100_000
+MAX_BEST_OF = 16
 # The sampling defaults of every command (generate, chat, eval-assistant's --max-new-tokens, training's
 # samples). SamplingSettings' own temperature stays 1, the model's plain distribution, for library callers.
 DEFAULT_TEMPERATURE = 0.8  # a little sharper than the model's own distribution: fewer stray words
@@ -33,8 +36,15 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # CTRL: above 1, ids already in the prompt or the output get less likely
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop: tuple[str, ...] = ()  # a row ends when its text contains one of these; its text ends before it
-    # added to the logit of each word a request names (its first id, in each form) until the row writes it
+    # added to the logit of each word a request names (its first id, in the forms that fit) until the row writes it
     word_bias: float = 0.0
+    # DRY (llama.cpp's): ids that would extend a repeat of n >= dry_allowed_length of the row's own ids lose
+    # dry_multiplier * dry_base ** (n - dry_allowed_length) of their logit; 0 turns it off
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    # chats: answers decoded per request, of which the assistant keeps the one that best follows it (following.py)
+    best_of: int = 1
 
     def check(self, vocab_size: int) -> None:
         """Raise SlmError naming the flag of the first bad value. `not x >= 0` rather than `x < 0` refuses NaN."""
@@ -50,6 +60,14 @@ class SamplingSettings:
             raise SlmError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS} (got {self.max_new_tokens})")
         if not 0 <= self.word_bias <= 100:
             raise SlmError(f"--word-bias must be between 0 and 100 (got {self.word_bias}); use 0 for none")
+        if not 0 <= self.dry_multiplier <= 100:
+            raise SlmError(f"--dry-multiplier must be between 0 and 100 (got {self.dry_multiplier}); use 0 for none")
+        if not 1 < self.dry_base <= 10:
+            raise SlmError(f"--dry-base must be above 1 and at most 10 (got {self.dry_base})")
+        if not 1 <= self.dry_allowed_length <= 100:
+            raise SlmError(f"--dry-allowed-length must be between 1 and 100 (got {self.dry_allowed_length})")
+        if not 1 <= self.best_of <= MAX_BEST_OF:
+            raise SlmError(f"--best-of must be between 1 and {MAX_BEST_OF} (got {self.best_of})")
         if "" in self.stop:
             raise SlmError("--stop must not be empty: every text contains the empty string")
 
@@ -205,26 +223,115 @@ def make_picker(model: GPT, settings: SamplingSettings, generator: torch.Generat
     return lambda hidden: sample_next(head(hidden) if bias is None else head(hidden) + bias, settings, generator, seen)
 
 
-class WordBias:
-    """The (B, V) logit bias of each row's requested words; a word's bias goes once the row writes its first id."""
+# Where a token leaves the text, for the forms of a requested word that fit after it (constraints.WordForms).
+MID, START, EITHER, BARE = 0, 1, 2, 3
+# DRY's sequence breakers (llama.cpp's defaults): a repeat is not followed across a newline, colon, quote or star.
+DRY_BREAKERS = ("\n", ":", '"', "*")
 
-    def __init__(self, words: list[Words], strength: float, vocab_size: int, device: torch.device) -> None:
-        self.left, self.strength = [list(row) for row in words], strength
+
+@functools.lru_cache(maxsize=1)
+def token_table(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where each id leaves the text: MID, START, EITHER or BARE; whether it holds a DRY breaker), by id."""
+    tokenizer = get_tokenizer()
+    where = torch.full((vocab_size,), MID, dtype=torch.int8)
+    breaks = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(min(vocab_size, tokenizer.vocab_size)):
+        text = tokenizer.token_bytes(i).decode("utf-8", errors="replace")
+        stripped = text.rstrip(" ")
+        if text.endswith(("\n", " ")) or text in (' "', '"', " \u201c", "\u201c"):
+            where[i] = BARE  # after a newline, a space or an opening quote, a word starts without its space
+        elif stripped.endswith((".", "!", "?")):
+            where[i] = START
+        elif stripped.endswith(('."', '!"', '?"', ".\u201d", "!\u201d", "?\u201d")):
+            where[i] = EITHER  # '"Hi!" said Tom' and '"Hi!" Tom ran.' both follow a closing quote
+        breaks[i] = any(b in text for b in DRY_BREAKERS)
+    return where, breaks
+
+
+class LogitBias:
+    """The (B, V) logit bias of each row, added before sampling: its requested words (word_bias), each in the
+    forms that fit where the text stands, and DRY's penalty (dry_multiplier) on ids that would go on repeating
+    what the row already wrote.
+
+    Words: a word's bias goes once the row writes any of its forms. Names are pushed from the first id, other
+    words only once the answer's first sentence has ended (gold stories spread their words; a bias from the
+    start stuffs them all into the first sentence), and no form ever follows a letter without a space.
+    DRY ("don't repeat yourself", llama.cpp's sampler): where the row's last n ids, n >= dry_allowed_length,
+    also came earlier followed by id x, x's logit drops by dry_multiplier * dry_base ** (n - allowed) for the
+    longest such n; a breaker id ends a match."""
+
+    def __init__(self, words: list[Words], settings: SamplingSettings, vocab_size: int, device: torch.device,
+                 written: list[list[int]] | None = None) -> None:
+        self.left = [list(row) for row in words]
+        self.settings, self.device = settings, device
+        self.where, self.breaks = token_table(vocab_size)
+        self.history: list[list[int]] = [[] for _ in words]
+        self.finishing: list[tuple[int, ...]] = [() for _ in words]  # the ids that finish a word begun
+        self.sentence_ended = [False] * len(words)
         self.bias = torch.zeros(len(words), vocab_size, device=device)
+        for row, ids in enumerate(written or []):
+            for next_id in ids:
+                self._wrote(row, next_id)
         for row in range(len(words)):
-            self.reset(row)
-
-    def reset(self, row: int) -> None:
-        self.bias[row] = 0
-        for ids in self.left[row]:
-            self.bias[row, list(ids)] = self.strength
+            self._reset(row, self.where[self.history[row][-1]].item() if self.history[row] else BARE)
 
     def written(self, next_ids: list[int]) -> None:
         for row, next_id in enumerate(next_ids):
-            if any(next_id in ids for ids in self.left[row]):
-                self.left[row] = [ids for ids in self.left[row] if next_id not in ids]
-                self.reset(row)
+            self._wrote(row, next_id)
+            self._reset(row, self.where[next_id].item())
 
+    def _wrote(self, row: int, next_id: int) -> None:
+        self.history[row].append(next_id)
+        if self.where[next_id].item() in (START, EITHER):
+            self.sentence_ended[row] = True
+        finishing = self.finishing[row]
+        self.finishing[row] = finishing[1:] if finishing[:1] == (next_id,) else ()
+        for w in self.left[row]:
+            if next_id in w.mid | w.start | w.bare:
+                self.finishing[row] = w.rest.get(next_id, ())
+        self.left[row] = [w for w in self.left[row] if next_id not in w.mid | w.start | w.bare]
+
+    def _reset(self, row: int, where: int) -> None:
+        self.bias[row] = 0
+        if self.settings.word_bias and self.finishing[row]:
+            self.bias[row, self.finishing[row][0]] = self.settings.word_bias
+        elif self.settings.word_bias:
+            for w in self.left[row]:
+                if not (w.name or self.sentence_ended[row]):
+                    continue
+                forms = {MID: w.mid, START: w.start, EITHER: w.mid | w.start, BARE: w.bare}[where]
+                if forms:
+                    self.bias[row, list(forms)] = self.settings.word_bias
+        if self.settings.dry_multiplier:
+            for next_id, penalty in self._dry(self.history[row]).items():
+                self.bias[row, next_id] -= penalty
+
+    def _dry(self, history: list[int]) -> dict[int, float]:
+        """DRY's penalty by the id that would extend a repeat of the row's own text."""
+        s = self.settings
+        if len(history) < 2 or self.breaks[history[-1]]:
+            return {}
+        ids = torch.tensor(history)
+        n = len(history)
+        # ends[j]: the earlier positions j whose id is the last id; a repeat of length L ends at j.
+        ends = torch.nonzero(ids[:-1] == ids[-1]).flatten()
+        length = torch.ones_like(ends)
+        alive = torch.ones_like(ends, dtype=torch.bool)
+        for k in range(1, n):
+            back = ends - k
+            alive &= back >= 0
+            if not alive.any():
+                break
+            same = alive & (ids[back.clamp(min=0)] == ids[n - 1 - k]) & ~self.breaks[ids[n - 1 - k]]
+            length += same
+            alive = same
+        penalties: dict[int, float] = {}
+        for j, matched in zip(ends.tolist(), length.tolist()):
+            if matched >= s.dry_allowed_length:
+                follower = history[j + 1]
+                penalty = s.dry_multiplier * s.dry_base ** (matched - s.dry_allowed_length)
+                penalties[follower] = max(penalties.get(follower, 0.0), min(penalty, 1e4))
+        return penalties
 
 
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:

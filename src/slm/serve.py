@@ -8,7 +8,8 @@
 
 Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list
 of up to 4), `seed`, `stream`, `stream_options.include_usage` and the extensions `repetition_penalty` and
-`word_bias` (chats); other fields are ignored. A sampling field left out comes from RUN/sampling.json, else OpenAI's.
+`word_bias` (chats), `dry_multiplier` and `best_of` (answers decoded per choice, of which the one that best
+follows the request is returned: slm.following); other fields are ignored. A sampling field left out comes from RUN/sampling.json, else OpenAI's.
 `stream: true` sends server-sent events, a chunk per piece of text, ending with `data: [DONE]`. Each
 choice ends with the engine's finish reason: "stop" (end-of-text or a stop string) or "length".
 
@@ -67,11 +68,10 @@ try:
 except ImportError as err:
     raise SlmError(f"slm serve needs FastAPI and uvicorn ({err.name} is missing): pip install 'slm[serve]'") from None
 
-from slm import chat
+from slm import chat, following
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.config import add_checkpoint_choice, add_placement
 from slm.device import pick_device, pick_dtype
-from slm.constraints import Words, word_first_ids
 from slm.batching import Engine, TextDelta
 from slm.sampling import SamplingSettings
 from slm.model import GPT
@@ -90,16 +90,29 @@ TIME_UP = object()  # what a job's queue gets at its deadline
 
 @dataclass(eq=False)
 class Job:
-    """One request's rows (each prompt n times) and the queue their TextDeltas go to, row = choice index."""
+    """One request's choices (each prompt n times) and the queue their TextDeltas go to, row = choice index.
+    Each choice decodes settings.best_of candidate rows; with more than one, or a requested last sentence,
+    its text is sent whole once chosen (following.choose), as OpenAI's best_of does not stream either."""
 
     prompts: list[list[int]]
     settings: SamplingSettings
     seed: int | None
     loop: asyncio.AbstractEventLoop
     deadline: float  # time.monotonic() when its rows end (slm serve --request-timeout)
-    words: list[Words] | None = None  # per row, the requested words settings.word_bias pushes (chats only)
+    plan: following.Plan = following.Plan({}, [])  # what a chat asks (following.plan); a completion asks nothing
     deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set once nobody reads its deltas: answered, or its client has gone
+    # per choice, its candidates' text and last delta so far, while they decode (whole answers only)
+    candidates: dict[int, dict[int, tuple[str, TextDelta | None]]] = field(default_factory=dict)
+
+    @property
+    def whole(self) -> bool:
+        """Whether each choice's text is sent once chosen and finished, rather than streamed as it comes."""
+        return self.settings.best_of > 1 or "ends" in self.plan.constraints
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.settings.best_of
 
     def send(self, item: TextDelta | Exception) -> None:
         self.loop.call_soon_threadsafe(self.deltas.put_nowait, item)
@@ -169,23 +182,45 @@ class Worker:
             for row in [row for row in engine.rows if row.owner[0].gone()]:
                 engine.remove(row)
             # In arrival order, so a request asking for many rows is not starved by later, smaller ones.
-            while waiting and len(waiting[0].prompts) <= engine.max_rows - len(engine.rows):
+            while waiting and waiting[0].rows <= engine.max_rows - len(engine.rows):
                 self._guard(self._admit, waiting.popleft())
             if engine.rows:
                 self._guard(self._step)
 
     def _admit(self, job: Job) -> None:
-        """The job's rows join the running batch. Choice i of a seeded request samples with seed + i, on a
-        generator of its own, so its text is the same whatever else is decoding."""
+        """The job's rows join the running batch. Row r of a seeded request (choice r // best_of) samples with
+        seed + r, on a generator of its own, so its text is the same whatever else is decoding."""
+        plan, best_of = job.plan, job.settings.best_of
         for choice, ids in enumerate(job.prompts):
-            seed = None if job.seed is None else (job.seed + choice) % 2**64
-            self.engine.add(ids, job.settings, seed, job.words[choice] if job.words else None, (job, choice))
+            if plan.starts and not job.whole:
+                job.send(TextDelta(choice, plan.starts, 0))
+            job.candidates[choice] = {}
+            for candidate in range(best_of):
+                row = choice * best_of + candidate
+                seed = None if job.seed is None else (job.seed + row) % 2**64
+                self.engine.add(ids + plan.start_ids, job.settings, seed, plan.words, (job, choice, candidate),
+                                written=len(plan.start_ids))
 
     def _step(self) -> None:
         for row, delta in self.engine.step():
-            job, choice = row.owner
-            if not job.gone():
+            job, choice, candidate = row.owner
+            if job.gone():
+                continue
+            if not job.whole:
                 job.send(dataclasses.replace(delta, row=choice))
+                continue
+            texts = job.candidates[choice]
+            texts[candidate] = (texts.get(candidate, ("", None))[0] + delta.text, delta)
+            if len(texts) == job.settings.best_of and all(d.finish_reason for _, d in texts.values()):
+                self._send_chosen(job, choice)
+
+    def _send_chosen(self, job: Job, choice: int) -> None:
+        """The best of a choice's finished candidates, as one delta with every candidate's tokens."""
+        candidates = [job.candidates[choice][c] for c in range(job.settings.best_of)]
+        texts = [following.finish(job.plan, text) for text, _ in candidates]
+        best = following.choose(self.engine.model, self.engine.tokenizer, job.plan, texts)
+        tokens = sum(delta.tokens for _, delta in candidates)
+        job.send(TextDelta(choice, texts[best], tokens, candidates[best][1].finish_reason))
 
     def _guard(self, call, *args) -> None:
         """call(*args); an exception (a bug: requests are checked before they get here) fails the jobs with
@@ -208,7 +243,8 @@ class Server:
                  sampling: dict[str, float] = {}) -> None:  # noqa: B006 (read, never changed)
         self.model, self.model_id, self.created, self.limits = model, model_id, created, limits
         # what a request that leaves a setting out gets: the run's measured choice, else OpenAI's default
-        self.sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0} | sampling
+        self.sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0,
+                         "dry_multiplier": 0.0, "best_of": 1} | sampling
         self.tokenizer = get_tokenizer()
         self.worker = Worker(model, self.tokenizer, limits.max_batch)
         self.jobs: list[Job] = []  # submitted, decoding or waiting; pruned of those gone at each submit
@@ -249,18 +285,16 @@ class Server:
         chosen = {key: default if getattr(body, key) is None else getattr(body, key)
                   for key, default in self.sampling.items()}
         settings = SamplingSettings(**chosen, max_new_tokens=self.max_new_tokens(body), stop=body.stop)
-        words = None  # what a chat's newest request names, for word_bias
-        if isinstance(body, ChatRequest) and settings.word_bias:
-            words = [word_first_ids(self.tokenizer, chat.request_words_of(body.messages))] * body.rows
+        plan = following.plan(self.tokenizer, body.messages) if isinstance(body, ChatRequest) else following.Plan({}, [])
         return Job([ids for ids in prompts for _ in range(body.n)], settings, body.seed, asyncio.get_running_loop(),
-                   time.monotonic() + self.limits.request_timeout, words)
+                   time.monotonic() + self.limits.request_timeout, plan)
 
     def submit(self, job: Job) -> None:
         """Give the job to the worker, or refuse it (429) when the rows waiting for a free one would pass
         --max-waiting. Counted in rows, as the worker starts a request once it has a row for each choice."""
         self.jobs = [j for j in self.jobs if not j.gone()]
-        waiting = sum(len(j.prompts) for j in self.jobs) - self.limits.max_batch
-        if waiting + len(job.prompts) > self.limits.max_waiting:
+        waiting = sum(j.rows for j in self.jobs) - self.limits.max_batch
+        if waiting + job.rows > self.limits.max_waiting:
             raise busy(max(waiting, 0))
         self.jobs.append(job)
         self.worker.submit(job)
@@ -271,9 +305,11 @@ class Server:
         if body.model != self.model_id:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server has {self.model_id!r}",
                            "model", "model_not_found")
-        if body.rows > self.limits.max_batch:
-            raise ApiError(400, f"{body.rows // body.n} prompt(s) x n={body.n} is more than the "
-                           f"{self.limits.max_batch} rows this server decodes at once (slm serve --max-batch)", "n")
+        best_of = body.best_of or int(self.sampling["best_of"])
+        if body.rows * best_of > self.limits.max_batch:
+            raise ApiError(400, f"{body.rows // body.n} prompt(s) x n={body.n} x best_of={best_of} is more than the "
+                           f"{self.limits.max_batch} rows this server decodes at once (slm serve --max-batch)",
+                           "best_of" if best_of > 1 else "n")
         prompts = await asyncio.to_thread(make_prompts, body)  # a long prompt takes a while to tokenize
         job = self.job(body, prompts)
         self.submit(job)

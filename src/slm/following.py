@@ -1,0 +1,134 @@
+"""How the assistant follows a story request: what the request asks, read from its own words, and the best of
+several answers by the checker that scores it.
+
+    plan     constraints.read_request on the newest user message: the words and names it asks for, and a
+             first or last sentence it gives, whatever its wording
+    prompt   the conversation, then the requested first sentence: the answer starts with it, and the model
+             goes on from there as from any opening
+    finish   with a requested last sentence, the answer is cut after its last whole sentence and ends with it
+    choose   of settings.best_of answers, the one that meets most of what was asked with the fewest flaws
+             (constraints.flaws) and reads best: the lowest mean surprise of the model over the answer as a
+             plain story, and no word far more surprising than the rest (a forced word is such a spike)
+
+A completion prompt has no request: plan, finish and choose are for chats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from slm.batching import Engine, TextDelta
+from slm.constraints import Words, check, flaws, read_request, sentences, word_forms
+from slm.model import GPT
+from slm.sampling import SamplingSettings
+from slm.tokenizer import Tokenizer
+
+# How choose() weighs a candidate (benchmarks/assistant.md): each constraint met counts 1, a flaw -1, the
+# model's mean loss per token -FLUENCY, a spike of surprise past SPIKE nats on one word -SPIKE_WEIGHT per nat.
+FLUENCY, SPIKE, SPIKE_WEIGHT = 0.5, 12.0, 0.1
+FLAW_WEIGHTS = {"repeats": 1.0, "glued": 1.0, "miscased": 0.5}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an answer to one chat must do, and how it starts."""
+
+    constraints: dict[str, Any]
+    words: Words  # the requested words' forms, for settings.word_bias
+    start_ids: list[int] = field(default_factory=list)  # the requested first sentence's ids, the answer's first
+
+    @property
+    def starts(self) -> str:
+        return self.constraints.get("starts", "")
+
+
+def plan(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> Plan:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    constraints = read_request(users[-1]) if users else {}
+    starts = constraints.get("starts", "")
+    return Plan(constraints, word_forms(tokenizer, constraints.get("words", [])),
+                tokenizer.encode(starts) if starts else [])
+
+
+def finish(plan: Plan, text: str) -> str:
+    """The answer's whole text from what the model wrote after the plan's first ids: the requested first
+    sentence before it, and a requested last sentence at its end, after its last whole sentence."""
+    text = plan.starts + text
+    ends = plan.constraints.get("ends")
+    if not ends:
+        return text
+    kept = sentences(text)
+    if kept and kept[-1][-1:] not in '.!?"\u201d':  # cut off mid-sentence (max tokens)
+        kept.pop()
+    if kept and kept[-1].strip().casefold() == ends.strip().casefold():
+        kept.pop()  # the model wrote it itself
+    return " ".join([*kept, ends])
+
+
+@torch.no_grad()
+def surprise(model: GPT, tokenizer: Tokenizer, texts: list[str]) -> list[tuple[float, float]]:
+    """(mean loss per token, the most surprising word's loss) of each text as a plain story under the model:
+    after end-of-text, as a document starts. A word's loss is the sum over its tokens; a word starts at a
+    token that does not start with a letter."""
+    device = model.transformer.wte.weight.device
+    results = []
+    for text in texts:
+        ids = [tokenizer.eot_id] + tokenizer.encode(text)[:model.config.block_size]
+        if len(ids) < 2:
+            results.append((0.0, 0.0))
+            continue
+        x = torch.tensor([ids[:-1]], device=device)
+        logits = model.lm_head(model.hidden(x))[0].float()
+        losses = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=device), reduction="none")
+        words: list[float] = []
+        for token_id, loss in zip(ids[1:], losses.tolist()):
+            piece = tokenizer.decode([token_id])
+            if not words or not piece[:1].isalpha():
+                words.append(0.0)
+            words[-1] += loss
+        results.append((losses.mean().item(), max(words)))
+    return results
+
+
+def score(constraints: dict[str, Any], text: str, mean_loss: float, spike: float) -> float:
+    """How well a candidate follows its request and how it reads (see the module); higher is better."""
+    met = sum(check(constraints, text).values())
+    found = flaws(constraints, text)
+    penalty = sum(weight * found[key] for key, weight in FLAW_WEIGHTS.items())
+    return met - penalty - FLUENCY * mean_loss - SPIKE_WEIGHT * max(spike - SPIKE, 0.0)
+
+
+def choose(model: GPT, tokenizer: Tokenizer, plan: Plan, texts: list[str]) -> int:
+    """The index of the best of the finished candidate texts."""
+    if len(texts) == 1:
+        return 0
+    scores = [score(plan.constraints, text, loss, spike)
+              for text, (loss, spike) in zip(texts, surprise(model, tokenizer, texts))]
+    return max(range(len(texts)), key=scores.__getitem__)
+
+
+def answers(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], plans: list[Plan],
+            settings: SamplingSettings, generator: torch.Generator | None = None) -> list[TextDelta]:
+    """The chosen answer to each chat prompt (its conversation's ids), settings.best_of candidates each, all
+    decoding as rows of one running batch; each delta holds the whole text and its finish reason."""
+    engine = Engine(model, tokenizer, len(prompts) * settings.best_of, generator)
+    for index, (ids, chat_plan) in enumerate(zip(prompts, plans)):
+        for candidate in range(settings.best_of):
+            engine.add(ids + chat_plan.start_ids, settings, words=chat_plan.words, owner=(index, candidate),
+                       written=len(chat_plan.start_ids))
+    texts: dict[tuple[int, int], str] = {}
+    last: dict[tuple[int, int], TextDelta] = {}
+    while engine.rows:
+        for row, delta in engine.step():
+            texts[row.owner] = texts.get(row.owner, "") + delta.text
+            last[row.owner] = delta
+    chosen = []
+    for index, chat_plan in enumerate(plans):
+        candidates = [finish(chat_plan, texts.get((index, c), "")) for c in range(settings.best_of)]
+        best = choose(model, tokenizer, chat_plan, candidates)
+        chosen.append(dataclasses.replace(last[(index, best)], row=index, text=candidates[best]))
+    return chosen
