@@ -91,7 +91,7 @@ def score_answers(prompts_file: Path, answers_file: Path, fluency_run: str) -> d
     texts = [a["answer"] for a in answers]
     scored = [answer_scores(rows[a["index"]][0]["constraints"], a["answer"], a.get("ended", True)) for a in answers]
     gold = [spike for _, spike in following.surprise(model, tokenizer, [reference(row) for row, _ in rows])]
-    add_fluency(scored, texts, gold, following.surprise(model, tokenizer, texts))
+    add_fluency(scored, gold, following.surprise(model, tokenizer, texts))
     return summarize([(rows[a["index"]][0]["wording"], s) for a, s in zip(answers, scored)])
 
 

@@ -36,7 +36,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from slm import distributed
+from slm import distributed, following
 from slm.checkpoint import checkpoint_dir, load_model
 from slm.config import Config, add_checkpoint_choice, add_placement
 from slm.device import pick_device, pick_dtype
@@ -279,11 +279,10 @@ class ChatSession:
     def answer(self, messages: list[Message]) -> Iterator[str]:
         """Stream the text of the next assistant message, which ends at end-of-text. The prompt leaves room
         for an answer of up to half the context; a longer one slides the window over its own beginning."""
-        from slm import following  # following decodes on the engine, which chat's data functions do not need
-
         fitted = fit_for_answer(messages, self.model.config.block_size, self.settings.max_new_tokens)
-        tokenizer, plan = get_tokenizer(), following.plan(get_tokenizer(), messages)
-        if self.settings.best_of > 1 or plan.constraints.get("ends"):  # the answer is known once it is chosen
+        tokenizer = get_tokenizer()
+        plan = following.plan(tokenizer, messages)
+        if plan.answered_whole(self.settings):
             yield following.answers(self.model, tokenizer, [conversation_ids(fitted)], [plan], self.settings,
                                     self.generator)[0].text
             return

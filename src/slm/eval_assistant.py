@@ -104,8 +104,7 @@ def answer_scores(constraints: dict[str, Any], answer: str, ended: bool) -> dict
     return scores
 
 
-def add_fluency(scored: list[dict[str, float]], answers: list[str], gold: list[float],
-                surprises: list[tuple[float, float]]) -> None:
+def add_fluency(scored: list[dict[str, float]], gold: list[float], surprises: list[tuple[float, float]]) -> None:
     """Each answer's mean loss and whether its spike passes the 95th percentile of the gold spikes."""
     threshold = sorted(gold)[min(len(gold) - 1, int(0.95 * len(gold)))] if gold else float("inf")
     for scores, (loss, spike) in zip(scored, surprises):
@@ -144,30 +143,29 @@ def reference(row: dict[str, Any]) -> str | None:
 
 def score_run(folder: Path, prompts: list[Prompt], device: torch.device, settings: SamplingSettings, seed: int,
               batch_size: int, dtype: torch.dtype = torch.float32,
-              fluency: torch.nn.Module | None = None) -> tuple[dict[str, Any], list[str]]:
+              fluency: torch.nn.Module | None = None,
+              gold_spikes: list[float] = ()) -> tuple[dict[str, Any], list[str]]:
     """(scores per wording, answers) of one checkpoint over the prompts; with a `fluency` model, also each
-    answer's loss and spike against the reference stories'."""
+    answer's loss and whether its spike passes the reference stories' (`gold_spikes`, score_gold's)."""
     model, cfg, _ = load_model(folder, device, dtype)
     settings.check(cfg.model.vocab_size)
     answers = answer_prompts(model, prompts, settings, make_generator(device, seed), batch_size)
     texts = [text for text, _ in answers]
     scored = [answer_scores(row["constraints"], text, ended) for (row, _), (text, ended) in zip(prompts, answers)]
     if fluency is not None:
-        gold = [story for row, _ in prompts if (story := reference(row))]
-        tokenizer = get_tokenizer()
-        gold_spikes = [spike for _, spike in following.surprise(fluency, tokenizer, gold)]
-        add_fluency(scored, texts, gold_spikes, following.surprise(fluency, tokenizer, texts))
+        add_fluency(scored, list(gold_spikes), following.surprise(fluency, get_tokenizer(), texts))
     return summarize([(row.get("wording", "seen"), s) for (row, _), s in zip(prompts, scored)]), texts
 
 
-def score_gold(prompts: list[Prompt], fluency: torch.nn.Module) -> dict[str, Any]:
-    """The reference stories' own scores, as if each were the answer to its prompt."""
+def score_gold(prompts: list[Prompt], fluency: torch.nn.Module) -> tuple[dict[str, Any], list[float]]:
+    """The reference stories' own scores, as if each were the answer to its prompt, and each one's spike."""
     rows = [(row, story) for row, _ in prompts if (story := reference(row))]
     tokenizer = get_tokenizer()
     surprises = following.surprise(fluency, tokenizer, [story for _, story in rows])
     scored = [answer_scores(row["constraints"], story, True) for row, story in rows]
-    add_fluency(scored, [story for _, story in rows], [spike for _, spike in surprises], surprises)
-    return summarize([(row.get("wording", "seen"), s) for (row, _), s in zip(rows, scored)])
+    spikes = [spike for _, spike in surprises]
+    add_fluency(scored, spikes, surprises)
+    return summarize([(row.get("wording", "seen"), s) for (row, _), s in zip(rows, scored)]), spikes
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -232,11 +230,12 @@ def main(args) -> int:
     fluency_run = args.fluency_run or next((str(p) for p in [Path(args.runs[0]) / "pretrain"] if p.is_dir()),
                                            args.runs[0])
     fluency, _, _ = load_model(checkpoint_dir(fluency_run, args.checkpoint), device, dtype)
-    results = [{"run": "gold", "checkpoint": None, "scores": score_gold(prompts, fluency)}]
+    gold, gold_spikes = score_gold(prompts, fluency)
+    results = [{"run": "gold", "checkpoint": None, "scores": gold}]
     written = []
     for run, folder in zip(args.runs, folders):
         scores, answers = score_run(folder, prompts, device, settings, args.seed, args.micro_batch_size, dtype,
-                                    fluency)
+                                    fluency, gold_spikes)
         results.append({"run": str(run), "checkpoint": str(folder), "scores": scores})
         written += [{"run": str(run), "index": i, "request": conversation[-1]["content"], "answer": answer,
                      "constraints": row["constraints"]} for i, ((row, conversation), answer)

@@ -45,6 +45,11 @@ class Plan:
     def starts(self) -> str:
         return self.constraints.get("starts", "")
 
+    def answered_whole(self, settings: SamplingSettings) -> bool:
+        """Whether the answer is known only once it is finished and chosen (best of several, or a requested
+        last sentence that closes it), rather than streamed as it comes."""
+        return settings.best_of > 1 or "ends" in self.constraints
+
 
 def plan(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> Plan:
     users = [m["content"] for m in messages if m["role"] == "user"]
@@ -111,6 +116,13 @@ def choose(model: GPT, tokenizer: Tokenizer, plan: Plan, texts: list[str]) -> in
     return max(range(len(texts)), key=scores.__getitem__)
 
 
+def best(model: GPT, tokenizer: Tokenizer, plan: Plan, written: list[str]) -> tuple[int, str]:
+    """(index, whole text) of the best candidate, from what each candidate's model wrote (finish, choose)."""
+    texts = [finish(plan, text) for text in written]
+    index = choose(model, tokenizer, plan, texts)
+    return index, texts[index]
+
+
 def answers(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], plans: list[Plan],
             settings: SamplingSettings, generator: torch.Generator | None = None) -> list[TextDelta]:
     """The chosen answer to each chat prompt (its conversation's ids), settings.best_of candidates each, all
@@ -128,7 +140,6 @@ def answers(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], plans: l
             last[row.owner] = delta
     chosen = []
     for index, chat_plan in enumerate(plans):
-        candidates = [finish(chat_plan, texts.get((index, c), "")) for c in range(settings.best_of)]
-        best = choose(model, tokenizer, chat_plan, candidates)
-        chosen.append(dataclasses.replace(last[(index, best)], row=index, text=candidates[best]))
+        kept, text = best(model, tokenizer, chat_plan, [texts.get((index, c), "") for c in range(settings.best_of)])
+        chosen.append(dataclasses.replace(last[(index, kept)], row=index, text=text))
     return chosen

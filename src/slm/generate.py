@@ -36,8 +36,8 @@ def decode(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
            words: list[Words] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) of every row, settings.max_new_tokens times, after prompts of any lengths; every
     row runs to the end (stop strings and end-of-text are text's business: batching.stream). `words`: each
-    row's requested words (constraints.word_forms), pushed by settings.word_bias. The settings and prompts are checked
-    on the call, before the first step is asked for. Full recompute takes prompts of one length."""
+    row's requested words (constraints.word_forms), pushed by settings.word_bias. The settings and prompts are
+    checked on the call, before the first step is asked for. Full recompute takes prompts of one length."""
     settings.check(model.config.vocab_size)
     if not prompts or not all(prompts):
         raise SlmError("every prompt needs at least one token; end-of-text alone starts a new document")

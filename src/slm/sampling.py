@@ -263,7 +263,7 @@ class LogitBias:
     def __init__(self, words: list[Words], settings: SamplingSettings, vocab_size: int, device: torch.device,
                  written: list[list[int]] | None = None) -> None:
         self.left = [list(row) for row in words]
-        self.settings, self.device = settings, device
+        self.settings = settings
         self.where, self.breaks = token_table(vocab_size)
         self.history: list[list[int]] = [[] for _ in words]
         self.finishing: list[tuple[int, ...]] = [() for _ in words]  # the ids that finish a word begun

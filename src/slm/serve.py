@@ -9,7 +9,8 @@
 Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list
 of up to 4), `seed`, `stream`, `stream_options.include_usage` and the extensions `repetition_penalty` and
 `word_bias` (chats), `dry_multiplier` and `best_of` (answers decoded per choice, of which the one that best
-follows the request is returned: slm.following); other fields are ignored. A sampling field left out comes from RUN/sampling.json, else OpenAI's.
+follows the request is returned: slm.following); other fields are ignored. A sampling field left out comes
+from RUN/sampling.json, else OpenAI's.
 `stream: true` sends server-sent events, a chunk per piece of text, ending with `data: [DONE]`. Each
 choice ends with the engine's finish reason: "stop" (end-of-text or a stop string) or "length".
 
@@ -106,11 +107,6 @@ class Job:
     candidates: dict[int, dict[int, tuple[str, TextDelta | None]]] = field(default_factory=dict)
 
     @property
-    def whole(self) -> bool:
-        """Whether each choice's text is sent once chosen and finished, rather than streamed as it comes."""
-        return self.settings.best_of > 1 or "ends" in self.plan.constraints
-
-    @property
     def rows(self) -> int:
         return len(self.prompts) * self.settings.best_of
 
@@ -192,7 +188,7 @@ class Worker:
         seed + r, on a generator of its own, so its text is the same whatever else is decoding."""
         plan, best_of = job.plan, job.settings.best_of
         for choice, ids in enumerate(job.prompts):
-            if plan.starts and not job.whole:
+            if plan.starts and not plan.answered_whole(job.settings):
                 job.send(TextDelta(choice, plan.starts, 0))
             job.candidates[choice] = {}
             for candidate in range(best_of):
@@ -206,7 +202,7 @@ class Worker:
             job, choice, candidate = row.owner
             if job.gone():
                 continue
-            if not job.whole:
+            if not job.plan.answered_whole(job.settings):
                 job.send(dataclasses.replace(delta, row=choice))
                 continue
             texts = job.candidates[choice]
@@ -217,10 +213,8 @@ class Worker:
     def _send_chosen(self, job: Job, choice: int) -> None:
         """The best of a choice's finished candidates, as one delta with every candidate's tokens."""
         candidates = [job.candidates[choice][c] for c in range(job.settings.best_of)]
-        texts = [following.finish(job.plan, text) for text, _ in candidates]
-        best = following.choose(self.engine.model, self.engine.tokenizer, job.plan, texts)
-        tokens = sum(delta.tokens for _, delta in candidates)
-        job.send(TextDelta(choice, texts[best], tokens, candidates[best][1].finish_reason))
+        kept, text = following.best(self.engine.model, self.engine.tokenizer, job.plan, [t for t, _ in candidates])
+        job.send(TextDelta(choice, text, sum(d.tokens for _, d in candidates), candidates[kept][1].finish_reason))
 
     def _guard(self, call, *args) -> None:
         """call(*args); an exception (a bug: requests are checked before they get here) fails the jobs with
@@ -285,7 +279,8 @@ class Server:
         chosen = {key: default if getattr(body, key) is None else getattr(body, key)
                   for key, default in self.sampling.items()}
         settings = SamplingSettings(**chosen, max_new_tokens=self.max_new_tokens(body), stop=body.stop)
-        plan = following.plan(self.tokenizer, body.messages) if isinstance(body, ChatRequest) else following.Plan({}, [])
+        chat_plan = isinstance(body, ChatRequest)
+        plan = following.plan(self.tokenizer, body.messages) if chat_plan else following.Plan({}, [])
         return Job([ids for ids in prompts for _ in range(body.n)], settings, body.seed, asyncio.get_running_loop(),
                    time.monotonic() + self.limits.request_timeout, plan)
 
