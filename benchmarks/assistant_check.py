@@ -90,8 +90,9 @@ def score_answers(prompts_file: Path, answers_file: Path, fluency_run: str) -> d
     tokenizer = get_tokenizer()
     texts = [a["answer"] for a in answers]
     scored = [answer_scores(rows[a["index"]][0]["constraints"], a["answer"], a.get("ended", True)) for a in answers]
-    gold = [spike for _, spike in following.surprise(model, tokenizer, [reference(row) for row, _ in rows])]
-    add_fluency(scored, gold, following.surprise(model, tokenizer, texts))
+    gold = [read.spike for read in following.surprise(model, tokenizer, [reference(row) for row, _ in rows])]
+    add_fluency(scored, gold, following.surprise(model, tokenizer, texts),
+                [rows[a["index"]][0]["constraints"] for a in answers])
     return summarize([(rows[a["index"]][0]["wording"], s) for a, s in zip(answers, scored)])
 
 

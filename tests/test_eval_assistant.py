@@ -74,4 +74,5 @@ def test_eval_assistant_scores_two_runs_side_by_side_per_wording_and_as_json(tin
     for result in report["results"]:
         for scores in result["scores"].values():
             assert all(scores[s] is None or 0 <= scores[s] <= 1 for s in SCORES
-                       if s not in ("n_words", "loss", "first_words"))
+                       if s not in ("n_words", "loss", "first_words", "word_loss"))
+            assert scores["word_loss"] is None or scores["word_loss"] > 0  # a loss, where the answer wrote a word

@@ -40,6 +40,16 @@ def test_a_candidate_that_does_what_was_asked_beats_one_that_does_not(gpt2_sized
     assert following.choose(gpt2_sized, get_tokenizer(), plan, texts) == 2
 
 
+def test_a_forced_requested_word_costs_a_candidate_and_a_natural_one_does_not():
+    constraints, text = {"words": ["ball"]}, "Lily had a ball. She was happy."
+    natural = following.Surprise(2.0, [("Lily", 9.0), (" ball", 3.0)])
+    forced = following.Surprise(2.0, [("Lily", 9.0), (" ball", 11.0)])
+    assert following.score(constraints, text, natural) == following.score(constraints, text, dataclasses.replace(
+        natural, words=[("Lily", 9.0), (" ball", following.WORD_LOSS)]))  # at or below WORD_LOSS: no cost
+    assert following.score(constraints, text, forced) == pytest.approx(
+        following.score(constraints, text, natural) - following.WORD_WEIGHT * (11.0 - following.WORD_LOSS))
+
+
 def test_best_of_decodes_its_candidates_as_rows_of_one_batch_and_keeps_the_checkers_best(gpt2_sized, monkeypatch):
     tok, rows, seen = get_tokenizer(), [], {}
     step = Engine.step
@@ -61,8 +71,8 @@ def test_best_of_decodes_its_candidates_as_rows_of_one_batch_and_keeps_the_check
                                  torch.Generator().manual_seed(0))
     assert max(rows) == 4  # the four candidates decoded together
     assert len(set(seen["texts"])) > 1
-    scores = [following.score(plan.constraints, t, loss, spike)
-              for t, (loss, spike) in zip(seen["texts"], following.surprise(gpt2_sized, tok, seen["texts"]))]
+    scores = [following.score(plan.constraints, t, read)
+              for t, read in zip(seen["texts"], following.surprise(gpt2_sized, tok, seen["texts"]))]
     assert answer.text == seen["texts"][max(range(4), key=scores.__getitem__)]
     again = following.answers(gpt2_sized, tok, [tok.encode("Tom")], [plan], settings, torch.Generator().manual_seed(0))
     assert again[0].text == answer.text  # seeded: reproducible
@@ -71,10 +81,14 @@ def test_best_of_decodes_its_candidates_as_rows_of_one_batch_and_keeps_the_check
 def test_a_words_surprise_is_the_sum_of_its_tokens_losses(gpt2_sized):
     tok = get_tokenizer()
     assert len(tok.encode(" zebra")) == 2
-    [(mean, spike)] = following.surprise(gpt2_sized, tok, ["the the the the the"])
-    assert spike >= mean > 0
+    [read] = following.surprise(gpt2_sized, tok, ["the the the the the"])
+    assert read.spike >= read.mean_loss > 0
     [plain, odd] = following.surprise(gpt2_sized, tok, ["the the the the the the", "the the the zebra the the"])
-    assert odd[1] > 1.5 * plain[1]  # a random model: every id costs about as much, and " zebra" is two
+    assert odd.spike > 1.5 * plain.spike  # a random model: every id costs about as much, and " zebra" is two
+    assert [text for text, _ in odd.words] == ["the", " the", " the", " zebra", " the", " the"]
+    zebra = dict(odd.words)[" zebra"]
+    assert odd.word_loss(["Zebra"]) == zebra and odd.word_loss(["lion"]) is None
+    assert odd.word_loss(["zebra", "the"]) == (zebra + odd.words[0][1]) / 2  # each word where it first comes
 
 
 def test_best_of_is_checked(gpt2_sized):
@@ -82,3 +96,5 @@ def test_best_of_is_checked(gpt2_sized):
 
     with pytest.raises(SlmError, match="--best-of"):
         dataclasses.replace(SamplingSettings(), best_of=0).check(50257)
+    assert SamplingSettings(temperature=0, best_of=4).best_of == 1  # greedy candidates would all be the same
+    assert SamplingSettings(temperature=0.7, best_of=4).best_of == 4

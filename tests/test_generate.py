@@ -547,6 +547,38 @@ def test_a_word_bias_pushes_names_at_once_other_words_after_the_first_sentence_a
     assert biased_ids("Lily woke up. She met Roxy and a", ["Roxy", "ball"]) == {" ball"}  # written: no more bias
 
 
+def test_word_reach_pushes_a_word_only_where_it_is_near_the_best_and_widens_with_each_sentence():
+    from slm.constraints import word_forms
+    from slm.sampling import NAME_FINISH, LogitBias
+
+    tok = get_tokenizer()
+    ball, cat = tok.encode(" ball")[0], tok.encode(" cat")[0]
+    settings = SamplingSettings(word_bias=8.0, word_reach=2.0)
+
+    def pushed(text: str, ball_logit: float) -> float:
+        push = LogitBias([word_forms(tok, ["ball"])], settings, 50257, torch.device("cpu"), [tok.encode(text)])
+        logits = torch.zeros(1, 50257)
+        logits[0, cat], logits[0, ball] = 10.0, ball_logit
+        return (push.apply(logits) - logits)[0, ball].item()
+
+    one_sentence = "Lily woke up. She saw a"
+    assert pushed(one_sentence, 8.5) == 8.0  # within 2 of the best: pushed
+    assert pushed(one_sentence, 7.0) == 0.0  # 3 below the best: left to the model
+    assert pushed("Lily woke up. She ran. She saw a", 7.0) == 8.0  # two sentences ended: reach 4
+    assert pushed("Lily woke up. She ran. She saw a", 5.0) == 0.0
+    everywhere = LogitBias([word_forms(tok, ["ball"])], SamplingSettings(word_bias=8.0), 50257, torch.device("cpu"),
+                           [tok.encode(one_sentence)])
+    assert (everywhere.apply(torch.zeros(1, 50257)) - everywhere.bias).abs().max() == 0  # no reach: always
+    roxy = tok.encode(" Roxy")
+    finishing = LogitBias([word_forms(tok, ["Roxy"])], settings, 50257, torch.device("cpu"),
+                          [tok.encode("Lily met") + roxy[:1]])
+    far = torch.zeros(1, 50257)
+    far[0, cat] = 50.0
+    assert (finishing.apply(far) - far)[0, roxy[1]].item() == NAME_FINISH  # a name begun is finished
+    name = LogitBias([word_forms(tok, ["Roxy"])], settings, 50257, torch.device("cpu"), [tok.encode("Once upon a")])
+    assert (name.apply(far) - far)[0, roxy[0]].item() == 8.0  # a name is pushed however far: any name fits
+
+
 def test_dry_penalizes_the_id_that_would_extend_a_repeat_more_the_longer_the_repeat():
     from slm.sampling import LogitBias
 

@@ -240,7 +240,7 @@ def test_an_api_key_is_enforced_when_set(tiny_run):
         assert httpx.get(f"{base}/health").json() == {
             "status": "ok", "model": tiny_run.name, "max_tokens": 4, "api_key_required": True,
             "sampling": {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0,
-                         "dry_multiplier": 0.0, "best_of": 1}}  # OpenAI's
+                         "word_reach": 0.0, "dry_multiplier": 0.0, "best_of": 1}}  # OpenAI's
 
 
 def test_settings_a_request_leaves_out_come_from_the_runs_sampling_json(tiny_run, tmp_path, model):
@@ -250,7 +250,7 @@ def test_settings_a_request_leaves_out_come_from_the_runs_sampling_json(tiny_run
     with serve_in_thread(create_app(run, device="cpu", max_tokens=12)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         assert httpx.get(f"{base}/health").json()["sampling"] == {"temperature": 0.0, "top_p": 1.0,
-                                                                  "repetition_penalty": 1.0, "word_bias": 0.0,
+                                                                  "repetition_penalty": 1.0, "word_bias": 0.0, "word_reach": 0.0,
                                                                   "dry_multiplier": 0.0, "best_of": 1}
         texts = {client.completions.create(model="greedy", prompt="Tom", seed=seed).choices[0].text for seed in (1, 2)}
         assert texts == {alone(model, get_tokenizer().encode("Tom"), 12)}  # greedy whatever the seed

@@ -126,7 +126,7 @@ class Engine:
                                    [prompt[len(prompt) - written:]] if written else None)
         if seed is not None or row.seen is not None or row.pushed is not None:  # a picker of its own
             generator = self.generator if seed is None else make_generator(self.device, seed)
-            row.pick = make_picker(self.model, settings, generator, row.seen, row.pushed and row.pushed.bias)
+            row.pick = make_picker(self.model, settings, generator, row.seen, row.pushed)
         else:  # the engine's, shared by every unseeded row that samples alike
             sampling = dataclasses.replace(settings, max_new_tokens=1, stop=())  # where a row ends is not picking
             if sampling not in self.shared_pickers:

@@ -377,6 +377,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "or the output get less likely (default: the run's sampling.json, else 1, none)")
     p.add_argument("--word-bias", type=float, default=None, help="added to the logits of the words a request "
                    "names until the answer uses each (default: the run's sampling.json, else 0)")
+    p.add_argument("--word-reach", type=float, default=None, help="push a requested word only where its logit "
+                   "is within this much of the best (default: the run's sampling.json, else 0, everywhere)")
     p.add_argument("--dry-multiplier", type=float, default=None, help="DRY: ids that would go on repeating the "
                    "answer's own text lose this much of their logit, growing with the repeat's length (default: the "
                    "run's sampling.json, else 0, none)")
@@ -391,7 +393,7 @@ def main(args) -> int:
     model, cfg, _ = load_model(folder, device, pick_dtype(args.dtype, device))
     # The run's own sampling (RUN/sampling.json) where no flag is given, else the defaults of every command.
     given = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "word_bias",
-                                                 "dry_multiplier", "best_of") if getattr(args, key) is not None}
+                                                 "word_reach", "dry_multiplier", "best_of") if getattr(args, key) is not None}
     settings = SamplingSettings(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                                 **{"temperature": DEFAULT_TEMPERATURE, **read_sampling(args.run), **given})
     settings.check(cfg.model.vocab_size)

@@ -21,6 +21,8 @@ scored by constraints.check, the checker that also built the requests, and by wh
               run's pretrain/ folder where it has one, else the first run)
     spiky     share of answers whose most surprising word (the highest loss over a word's tokens) is above the
               95th percentile of the reference stories' most surprising words: a forced word is such a spike
+    word_loss mean loss of the requested words where the answer first writes each (the gold line: where a
+              person wrote them); a word forced in where it does not fit costs far more
 
 The reference stories (each prompt's own) are scored too, as the line "gold", so that every figure has
 what a human-written story gets. Answers are made as `slm chat` and `slm serve` make them (slm.following):
@@ -55,7 +57,7 @@ from slm.tokenizer import get_tokenizer
 
 CONSTRAINTS = ("words", "name", "starts", "ends", "dialogue", "length")
 SCORES = (*CONSTRAINTS, "all_words", "story", "ended", "n_words", "distinct4", "repeats", "glued", "miscased",
-          "first_words", "loss", "spiky")
+          "first_words", "loss", "spiky", "word_loss")
 WORDINGS = ("all", "seen", "held_out")
 Prompt = tuple[dict[str, Any], list[Message]]
 
@@ -104,11 +106,15 @@ def answer_scores(constraints: dict[str, Any], answer: str, ended: bool) -> dict
     return scores
 
 
-def add_fluency(scored: list[dict[str, float]], gold: list[float], surprises: list[tuple[float, float]]) -> None:
-    """Each answer's mean loss and whether its spike passes the 95th percentile of the gold spikes."""
+def add_fluency(scored: list[dict[str, float]], gold: list[float], surprises: list[following.Surprise],
+                constraints: list[dict[str, Any]]) -> None:
+    """Each answer's mean loss, whether its spike passes the 95th percentile of the gold spikes, and the mean
+    loss of its requested words where it writes them."""
     threshold = sorted(gold)[min(len(gold) - 1, int(0.95 * len(gold)))] if gold else float("inf")
-    for scores, (loss, spike) in zip(scored, surprises):
-        scores["loss"], scores["spiky"] = loss, float(spike > threshold)
+    for scores, read, asked in zip(scored, surprises, constraints):
+        scores["loss"], scores["spiky"] = read.mean_loss, float(read.spike > threshold)
+        if (word_loss := read.word_loss(asked.get("words", []))) is not None:
+            scores["word_loss"] = word_loss
 
 
 def summarize(scored: list[tuple[str, dict[str, float]]]) -> dict[str, dict[str, float | None]]:
@@ -153,7 +159,8 @@ def score_run(folder: Path, prompts: list[Prompt], device: torch.device, setting
     texts = [text for text, _ in answers]
     scored = [answer_scores(row["constraints"], text, ended) for (row, _), (text, ended) in zip(prompts, answers)]
     if fluency is not None:
-        add_fluency(scored, list(gold_spikes), following.surprise(fluency, get_tokenizer(), texts))
+        add_fluency(scored, list(gold_spikes), following.surprise(fluency, get_tokenizer(), texts),
+                    [row["constraints"] for row, _ in prompts])
     return summarize([(row.get("wording", "seen"), s) for (row, _), s in zip(prompts, scored)]), texts
 
 
@@ -163,8 +170,8 @@ def score_gold(prompts: list[Prompt], fluency: torch.nn.Module) -> tuple[dict[st
     tokenizer = get_tokenizer()
     surprises = following.surprise(fluency, tokenizer, [story for _, story in rows])
     scored = [answer_scores(row["constraints"], story, True) for row, story in rows]
-    spikes = [spike for _, spike in surprises]
-    add_fluency(scored, spikes, surprises)
+    spikes = [read.spike for read in surprises]
+    add_fluency(scored, spikes, surprises, [row["constraints"] for row, _ in rows])
     return summarize([(row.get("wording", "seen"), s) for (row, _), s in zip(rows, scored)]), spikes
 
 
@@ -199,6 +206,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="above 1, ids already in the prompt or the output get less likely (default: 1, none)")
     p.add_argument("--word-bias", type=float, default=0.0,
                    help="added to the logits of the words a request names until the answer uses each (default: 0)")
+    p.add_argument("--word-reach", type=float, default=0.0, help="push a requested word only where its logit is "
+                   "within this much of the best (default: 0, everywhere)")
     p.add_argument("--dry-multiplier", type=float, default=0.0,
                    help="DRY: ids that would go on repeating the answer's own text lose this much of their logit, "
                    "growing with the repeat's length (default: 0, none)")
@@ -225,7 +234,7 @@ def main(args) -> int:
     device = pick_device(args.device)
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                                 max_new_tokens=args.max_new_tokens, word_bias=args.word_bias,
-                                dry_multiplier=args.dry_multiplier, best_of=args.best_of)
+                                word_reach=args.word_reach, dry_multiplier=args.dry_multiplier, best_of=args.best_of)
     dtype = pick_dtype(args.dtype, device)
     fluency_run = args.fluency_run or next((str(p) for p in [Path(args.runs[0]) / "pretrain"] if p.is_dir()),
                                            args.runs[0])

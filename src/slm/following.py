@@ -28,8 +28,10 @@ from slm.sampling import SamplingSettings
 from slm.tokenizer import Tokenizer
 
 # How choose() weighs a candidate (benchmarks/assistant.md): each constraint met counts 1, a flaw -1, the
-# model's mean loss per token -FLUENCY, a spike of surprise past SPIKE nats on one word -SPIKE_WEIGHT per nat.
+# model's mean loss per token -FLUENCY, a spike of surprise past SPIKE nats on one word -SPIKE_WEIGHT per nat,
+# the requested words' mean loss past WORD_LOSS nats (a forced word) -WORD_WEIGHT per nat.
 FLUENCY, SPIKE, SPIKE_WEIGHT = 0.5, 12.0, 0.1
+WORD_LOSS, WORD_WEIGHT = 4.0, 0.15
 FLAW_WEIGHTS = {"repeats": 1.0, "glued": 1.0, "miscased": 0.5}
 
 
@@ -74,45 +76,69 @@ def finish(plan: Plan, text: str) -> str:
     return " ".join([*kept, ends])
 
 
+WORD_EDGES = " \n\t\"'\u201c\u201d\u2018\u2019.,!?;:()-"  # around a word as surprise() splits the text
+
+
+@dataclass(frozen=True)
+class Surprise:
+    """How a text reads to a model as a plain story (after end-of-text, as a document starts)."""
+
+    mean_loss: float  # per token
+    words: list[tuple[str, float]]  # each word as written and its loss, the sum over its tokens
+
+    @property
+    def spike(self) -> float:
+        """The most surprising word's loss."""
+        return max((loss for _, loss in self.words), default=0.0)
+
+    def word_loss(self, wanted: list[str]) -> float | None:
+        """The mean loss of the wanted words where the text first writes each (None: it writes none). A word
+        forced in where it does not fit costs far more than the same word where a person wrote it."""
+        first: dict[str, float] = {}
+        for text, loss in self.words:
+            first.setdefault(text.strip(WORD_EDGES).casefold(), loss)
+        losses = [first[w.casefold()] for w in wanted if w.casefold() in first]
+        return sum(losses) / len(losses) if losses else None
+
+
 @torch.no_grad()
-def surprise(model: GPT, tokenizer: Tokenizer, texts: list[str]) -> list[tuple[float, float]]:
-    """(mean loss per token, the most surprising word's loss) of each text as a plain story under the model:
-    after end-of-text, as a document starts. A word's loss is the sum over its tokens; a word starts at a
-    token that does not start with a letter."""
+def surprise(model: GPT, tokenizer: Tokenizer, texts: list[str]) -> list[Surprise]:
+    """Each text's Surprise under the model. A word starts at a token that does not start with a letter."""
     device = model.transformer.wte.weight.device
     results = []
     for text in texts:
         ids = [tokenizer.eot_id] + tokenizer.encode(text)[:model.config.block_size]
         if len(ids) < 2:
-            results.append((0.0, 0.0))
+            results.append(Surprise(0.0, []))
             continue
         x = torch.tensor([ids[:-1]], device=device)
         logits = model.lm_head(model.hidden(x))[0].float()
         losses = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=device), reduction="none")
-        words: list[float] = []
+        words: list[list] = []
         for token_id, loss in zip(ids[1:], losses.tolist()):
             piece = tokenizer.decode([token_id])
             if not words or not piece[:1].isalpha():
-                words.append(0.0)
-            words[-1] += loss
-        results.append((losses.mean().item(), max(words)))
+                words.append(["", 0.0])
+            words[-1][0] += piece
+            words[-1][1] += loss
+        results.append(Surprise(losses.mean().item(), [(text, loss) for text, loss in words]))
     return results
 
 
-def score(constraints: dict[str, Any], text: str, mean_loss: float, spike: float) -> float:
+def score(constraints: dict[str, Any], text: str, read: Surprise) -> float:
     """How well a candidate follows its request and how it reads (see the module); higher is better."""
     met = sum(check(constraints, text).values())
     found = flaws(constraints, text)
     penalty = sum(weight * found[key] for key, weight in FLAW_WEIGHTS.items())
-    return met - penalty - FLUENCY * mean_loss - SPIKE_WEIGHT * max(spike - SPIKE, 0.0)
+    forced = max((read.word_loss(constraints.get("words", [])) or 0.0) - WORD_LOSS, 0.0)
+    return met - penalty - FLUENCY * read.mean_loss - SPIKE_WEIGHT * max(read.spike - SPIKE, 0.0) - WORD_WEIGHT * forced
 
 
 def choose(model: GPT, tokenizer: Tokenizer, plan: Plan, texts: list[str]) -> int:
     """The index of the best of the finished candidate texts."""
     if len(texts) == 1:
         return 0
-    scores = [score(plan.constraints, text, loss, spike)
-              for text, (loss, spike) in zip(texts, surprise(model, tokenizer, texts))]
+    scores = [score(plan.constraints, text, read) for text, read in zip(texts, surprise(model, tokenizer, texts))]
     return max(range(len(texts)), key=scores.__getitem__)
 
 

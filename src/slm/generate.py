@@ -72,7 +72,7 @@ def _recomputed_steps(model: GPT, prompts: list[list[int]], settings: SamplingSe
     pushed = None
     if (words and settings.word_bias and any(words)) or settings.dry_multiplier:
         pushed = LogitBias(words or [[] for _ in prompts], settings, model.config.vocab_size, device)
-    pick = make_picker(model, settings, generator, seen, pushed.bias if pushed else None)
+    pick = make_picker(model, settings, generator, seen, pushed)
     for _ in range(settings.max_new_tokens):
         next_id = pick(model.hidden(context)[:, -1])  # (B,)
         yield next_id

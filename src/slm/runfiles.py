@@ -114,7 +114,7 @@ class MetricsLog:
 
 SAMPLING_FILE = "sampling.json"
 SAMPLING_KEYS = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "repetition_penalty": (1e-9, 10.0),
-                 "word_bias": (0.0, 100.0), "dry_multiplier": (0.0, 100.0), "best_of": (1, 16)}
+                 "word_bias": (0.0, 100.0), "word_reach": (0.0, 100.0), "dry_multiplier": (0.0, 100.0), "best_of": (1, 16)}
 
 
 def read_sampling(run: str | Path) -> dict[str, float]:

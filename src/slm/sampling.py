@@ -38,6 +38,9 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()  # a row ends when its text contains one of these; its text ends before it
     # added to the logit of each word a request names (its first id, in the forms that fit) until the row writes it
     word_bias: float = 0.0
+    # above 0, a requested word is pushed only where its logit is within word_reach (times the sentences ended so
+    # far) of the best id's: where the model finds it plausible, not anywhere ("a day of became"); 0: everywhere
+    word_reach: float = 0.0
     # DRY (llama.cpp's): ids that would extend a repeat of n >= dry_allowed_length of the row's own ids lose
     # dry_multiplier * dry_base ** (n - dry_allowed_length) of their logit; 0 turns it off
     dry_multiplier: float = 0.0
@@ -45,6 +48,10 @@ class SamplingSettings:
     dry_allowed_length: int = 2
     # chats: answers decoded per request, of which the assistant keeps the one that best follows it (following.py)
     best_of: int = 1
+
+    def __post_init__(self) -> None:
+        if self.temperature == 0:  # greedy candidates would all be the same answer: decode it once
+            object.__setattr__(self, "best_of", 1)
 
     def check(self, vocab_size: int) -> None:
         """Raise SlmError naming the flag of the first bad value. `not x >= 0` rather than `x < 0` refuses NaN."""
@@ -60,6 +67,8 @@ class SamplingSettings:
             raise SlmError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS} (got {self.max_new_tokens})")
         if not 0 <= self.word_bias <= 100:
             raise SlmError(f"--word-bias must be between 0 and 100 (got {self.word_bias}); use 0 for none")
+        if not 0 <= self.word_reach <= 100:
+            raise SlmError(f"--word-reach must be between 0 and 100 (got {self.word_reach}); use 0 for everywhere")
         if not 0 <= self.dry_multiplier <= 100:
             raise SlmError(f"--dry-multiplier must be between 0 and 100 (got {self.dry_multiplier}); use 0 for none")
         if not 1 < self.dry_base <= 10:
@@ -214,17 +223,20 @@ class CompactSampler:
 
 
 def make_picker(model: GPT, settings: SamplingSettings, generator: torch.Generator | None,
-                seen: torch.Tensor | None, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function from the last position's hidden state (B, C) to the next ids (B,); `bias` (B, V) is
-    added to the logits first."""
+                seen: torch.Tensor | None, push: LogitBias | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from the last position's hidden state (B, C) to the next ids (B,); `push` changes the
+    logits first."""
     head = model.lm_head
-    if isinstance(head, CompactHead) and seen is None and bias is None:
+    if isinstance(head, CompactHead) and seen is None and push is None:
         return CompactSampler(head, settings, generator)
-    return lambda hidden: sample_next(head(hidden) if bias is None else head(hidden) + bias, settings, generator, seen)
+    return lambda hidden: sample_next(head(hidden) if push is None else push.apply(head(hidden)), settings,
+                                      generator, seen)
 
 
 # Where a token leaves the text, for the forms of a requested word that fit after it (constraints.WordForms).
 MID, START, EITHER, BARE = 0, 1, 2, 3
+# The push on the rest of a requested name once its first id is written: "R" then "oxy", never "R Emma".
+NAME_FINISH = 1e4
 # DRY's sequence breakers (llama.cpp's defaults): a repeat is not followed across a newline, colon, quote or star.
 DRY_BREAKERS = ("\n", ":", '"', "*")
 
@@ -256,6 +268,11 @@ class LogitBias:
     Words: a word's bias goes once the row writes any of its forms. Names are pushed from the first id, other
     words only once the answer's first sentence has ended (gold stories spread their words; a bias from the
     start stuffs them all into the first sentence), and no form ever follows a letter without a space.
+    With word_reach, a word's push applies only where its logit is already within reach of the best id's
+    (apply): the word comes where the model finds it plausible, not wherever it is due. The reach widens by
+    word_reach with each sentence the row ends, so a word that finds no natural place still comes before the
+    story is over. Names are pushed regardless (any name fits where a character comes in), and a name begun
+    is finished whatever the model would write ("R" -> "oxy").
     DRY ("don't repeat yourself", llama.cpp's sampler): where the row's last n ids, n >= dry_allowed_length,
     also came earlier followed by id x, x's logit drops by dry_multiplier * dry_base ** (n - allowed) for the
     longest such n; a breaker id ends a match."""
@@ -267,8 +284,11 @@ class LogitBias:
         self.where, self.breaks = token_table(vocab_size)
         self.history: list[list[int]] = [[] for _ in words]
         self.finishing: list[tuple[int, ...]] = [() for _ in words]  # the ids that finish a word begun
-        self.sentence_ended = [False] * len(words)
+        self.finishing_name = [False] * len(words)  # a name begun is written whole, whatever the model wants
+        self.sentences = [0] * len(words)  # sentence ends the row has written
+        self.reach = torch.full((len(words), 1), settings.word_reach, device=device)
         self.bias = torch.zeros(len(words), vocab_size, device=device)
+        self.free = torch.zeros(len(words), vocab_size, dtype=torch.bool, device=device)  # pushes never gated
         for row, ids in enumerate(written or []):
             for next_id in ids:
                 self._wrote(row, next_id)
@@ -283,25 +303,36 @@ class LogitBias:
     def _wrote(self, row: int, next_id: int) -> None:
         self.history[row].append(next_id)
         if self.where[next_id].item() in (START, EITHER):
-            self.sentence_ended[row] = True
+            self.sentences[row] += 1
+            self.reach[row] = self.settings.word_reach * max(1, self.sentences[row])
         finishing = self.finishing[row]
         self.finishing[row] = finishing[1:] if finishing[:1] == (next_id,) else ()
         for w in self.left[row]:
             if next_id in w.mid | w.start | w.bare:
-                self.finishing[row] = w.rest.get(next_id, ())
+                self.finishing[row], self.finishing_name[row] = w.rest.get(next_id, ()), w.name
         self.left[row] = [w for w in self.left[row] if next_id not in w.mid | w.start | w.bare]
 
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) with the bias added; with word_reach, a word's push only where it is within reach."""
+        if not self.settings.word_reach:
+            return logits + self.bias
+        far = logits < logits.max(dim=-1, keepdim=True).values - self.reach
+        return logits + self.bias.masked_fill(far & (self.bias > 0) & ~self.free, 0.0)
+
     def _reset(self, row: int, where: int) -> None:
-        self.bias[row] = 0
+        self.bias[row], self.free[row] = 0, False
         if self.settings.word_bias and self.finishing[row]:
-            self.bias[row, self.finishing[row][0]] = self.settings.word_bias
+            next_id = self.finishing[row][0]
+            self.bias[row, next_id] = NAME_FINISH if self.finishing_name[row] else self.settings.word_bias
+            self.free[row, next_id] = True
         elif self.settings.word_bias:
             for w in self.left[row]:
-                if not (w.name or self.sentence_ended[row]):
+                if not (w.name or self.sentences[row]):
                     continue
                 forms = {MID: w.mid, START: w.start, EITHER: w.mid | w.start, BARE: w.bare}[where]
                 if forms:
                     self.bias[row, list(forms)] = self.settings.word_bias
+                    self.free[row, list(forms)] = w.name
         if self.settings.dry_multiplier:
             for next_id, penalty in self._dry(self.history[row]).items():
                 self.bias[row, next_id] -= penalty

@@ -8,7 +8,7 @@
 
 Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list
 of up to 4), `seed`, `stream`, `stream_options.include_usage` and the extensions `repetition_penalty` and
-`word_bias` (chats), `dry_multiplier` and `best_of` (answers decoded per choice, of which the one that best
+`word_bias` and `word_reach` (chats), `dry_multiplier` and `best_of` (answers decoded per choice, of which the one that best
 follows the request is returned: slm.following); other fields are ignored. A sampling field left out comes
 from RUN/sampling.json, else OpenAI's.
 `stream: true` sends server-sent events, a chunk per piece of text, ending with `data: [DONE]`. Each
@@ -238,7 +238,7 @@ class Server:
         self.model, self.model_id, self.created, self.limits = model, model_id, created, limits
         # what a request that leaves a setting out gets: the run's measured choice, else OpenAI's default
         self.sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0,
-                         "dry_multiplier": 0.0, "best_of": 1} | sampling
+                         "word_reach": 0.0, "dry_multiplier": 0.0, "best_of": 1} | sampling
         self.tokenizer = get_tokenizer()
         self.worker = Worker(model, self.tokenizer, limits.max_batch)
         self.jobs: list[Job] = []  # submitted, decoding or waiting; pruned of those gone at each submit

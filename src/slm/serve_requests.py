@@ -97,6 +97,7 @@ class Sampling(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)  # not OpenAI's; vLLM's and llama.cpp's name
     word_bias: float | None = Field(None, ge=0, le=100)  # slm's: pushes the words a chat request names
+    word_reach: float | None = Field(None, ge=0, le=100)  # slm's: ... only where the model finds them plausible
     dry_multiplier: float | None = Field(None, ge=0, le=100)  # llama.cpp's DRY sampler, its default base and length
     best_of: int | None = Field(None, ge=1, le=16)  # OpenAI's (completions): candidates per choice, the best returned
     n: int = Field(1, ge=1)
