@@ -5,7 +5,7 @@ from a prompts file one after another, each answer whole (not streamed); p50 / p
 
 The server runs in this process (slm.serve_thread.serve_in_thread). `--best-of` and `--temperature` override
 the run's sampling.json for every request (as API fields); without them each request gets the served default.
-Needs `pip install ".[serve]" openai`.
+Needs `pip install openai`.
 """
 
 import argparse

@@ -9,7 +9,7 @@ one completion after another: "Once upon a time", temperature 0.8, `--max-tokens
 a tenth of a second apart and then run free, so requests arrive while others decode, as with real users.
 Tokens/s is every completion token streamed over the round's wall time, from the first request sent to the
 last answer ended; time to first token is from a request sent to its first text chunk. A request may end
-early at end-of-text, so the table gives the mean completion length too. Needs `pip install ".[serve]" openai`.
+early at end-of-text, so the table gives the mean completion length too. Needs `pip install openai`.
 """
 
 import argparse

@@ -22,8 +22,6 @@ def test_python_dash_m_slm_works():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_shows_its_arguments_and_examples_in_its_help(command, capsys):
-    if command == "serve":
-        pytest.importorskip("fastapi", reason="slm serve needs the serve extra: pip install '.[serve]'")
     with pytest.raises(SystemExit) as exit:
         main([command, "--help"])
     assert exit.value.code == 0

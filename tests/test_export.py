@@ -68,7 +68,7 @@ def hf_greedy(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def test_table_names_are_llama_cpp_gpt2_tensor_names():
-    gguf = pytest.importorskip("gguf")
+    import gguf
     names = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.GPT2]}
     ours = {g.rsplit(".", 1)[0].replace("blk.0.", "blk.{bid}.") for _, g, _ in table(1)} | {"output"}
     assert ours == names
@@ -311,7 +311,7 @@ def test_push_to_hub_offline_fails_with_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("outtype, atol", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 2e-3)])
 def test_gguf_export_reads_back_with_llama_cpp_names_metadata_and_weights(tmp_path, outtype, atol):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     run = make_run(tmp_path / "run", block_size=32)
     out = tmp_path / "model.gguf"
     assert main(["export", str(run), "--format", "gguf", "--outtype", outtype, "--out", str(out)]) == 0
@@ -344,7 +344,7 @@ def test_gguf_export_reads_back_with_llama_cpp_names_metadata_and_weights(tmp_pa
 def gguf_logits(path: Path, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
     """The logits of a GGUF export as llama.cpp's CPU backend computes them: every weight dequantized, and every
     matmul's input rounded to the type ggml pairs with its weight's (vec_dot_type: f16 for f16, q8_0 for q8_0)."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
     gguf_name = {name: g for name, g, _ in table(cfg.n_layer)} | {checkpoint.TIED_HEAD: "output.weight"}
 

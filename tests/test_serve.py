@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytest.importorskip("fastapi", reason="slm serve needs the serve extra: pip install '.[serve]'")
 openai = pytest.importorskip("openai", reason="the serve tests use the official openai client")
 httpx = pytest.importorskip("httpx")
 

@@ -18,7 +18,6 @@ import time
 import pytest
 
 httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi", reason="slm serve needs the serve extra: pip install '.[serve]'")
 
 pytestmark = pytest.mark.slow
 

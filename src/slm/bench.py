@@ -189,8 +189,6 @@ def llama_cpp_missing(device: torch.device, model: ModelConfig) -> str | None:
         return "the model has bias=False, which GGUF's gpt2 architecture cannot express"
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)"
-    if importlib.util.find_spec("gguf") is None:
-        return "gguf is not installed (pip install 'slm[gguf]')"
     return None
 
 

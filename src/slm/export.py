@@ -272,10 +272,7 @@ def export_gguf(run: str | Path, out: str | Path, which: str = "best", outtype: 
                 force: bool = False) -> Path:
     """A GGUF file for llama.cpp's `gpt2` architecture; 2-D weights in `outtype` (a compact head's expanded
     rows one type more precise: COMPACT_HEAD_OUTTYPE), norms and biases in f32."""
-    try:
-        import gguf
-    except ImportError:
-        raise SlmError("GGUF export needs the gguf package: pip install 'slm[gguf]'") from None
+    import gguf  # here, not at the top: `slm export` to a Hugging Face folder never loads it
     run, out = Path(run), Path(out)
     model, cfg, _ = checkpoint.load_model(checkpoint.checkpoint_dir(run, which))
     check_exportable(cfg.model)

@@ -60,14 +60,11 @@ from typing import Any
 
 from slm.errors import SlmError
 
-try:
-    import uvicorn
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-except ImportError as err:
-    raise SlmError(f"slm serve needs FastAPI and uvicorn ({err.name} is missing): pip install 'slm[serve]'") from None
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from slm import chat, following
 from slm.checkpoint import checkpoint_dir, load_model
