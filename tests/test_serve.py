@@ -5,6 +5,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -485,3 +486,27 @@ def test_the_chat_page_streams_an_answer_and_keeps_the_conversation(browser, url
     assert browser.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text.startswith(expected.strip())
     assert browser.execute_script("return window.updates") > 4  # two questions, two answers, and their growth
     assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+
+
+def test_the_readmes_picture_of_the_page_is_shot_from_the_page_served_now(browser, url, tiny_run):
+    """docs/chat-page.png is re-shot on every run of this test, a real question and the tiny run's answer,
+    so the README never shows an older page than the one served."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: tiny_run.name in b.find_element(By.ID, "model").text)
+    for field, value in (("temperature", "0"), ("max-tokens", "40")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "input").send_keys("Write a short story about Tom and his red ball.")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda b: b.find_element(By.ID, "send").text == "send" and b.find_elements(By.CSS_SELECTOR, ".assistant"))
+    assert browser.find_elements(By.CSS_SELECTOR, ".assistant")[0].text.strip()
+    picture = browser.get_screenshot_as_png()
+    assert picture[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(picture[16:20], "big") == 900  # the window's width
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    partial = docs / "chat-page.png.partial"
+    partial.write_bytes(picture)
+    partial.replace(docs / "chat-page.png")
