@@ -136,7 +136,7 @@ def test_training_flops_per_token_count_each_multiplied_weight_six_times_plus_at
 
     from slm import bench
     from slm.config import ModelConfig
-    from slm.model import GPT
+    from slm.model.gpt import GPT
 
     full = ModelConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=256)
     # Counted independently, as nanoGPT's estimate_mfu does: 6 FLOPs for every parameter but the position

@@ -32,21 +32,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm import checkpoint
+from slm.runs import checkpoint
 from slm.config import OPTIMIZERS, Config, ModelConfig, add_config_flags, flags_from_args, preset_names, resolve
 from slm.device import compile_model, cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
 from slm.errors import SlmError
-from slm.export import export_gguf
-from slm.generate import decode
-from slm.sampling import DEFAULT_TEMPERATURE, SamplingSettings, make_generator
-from slm.model import GPT
-from slm.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
-from slm.runfiles import read_metrics, write_text_atomic
-from slm.stories import demo_documents
-from slm.tokenizer import EOT_ID, get_tokenizer
-from slm.data import PretrainBatches
-from slm.optim import build_optimizers
-from slm.train import accumulate, start, step_optimizer
+from slm.interop.huggingface import export_gguf
+from slm.inference.generate import decode
+from slm.inference.sampling import DEFAULT_TEMPERATURE, SamplingSettings, make_generator
+from slm.model.gpt import GPT
+from slm.data.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
+from slm.runs.files import read_metrics, write_text_atomic
+from slm.data.stories import demo_documents
+from slm.data.tokenizer import EOT_ID, get_tokenizer
+from slm.data.windows import PretrainBatches
+from slm.training.optimizers import build_optimizers
+from slm.training.loop import accumulate, start, step_optimizer
 
 PREPARE_CHARS = 4_000_000   # a few MB: long enough that starting the worker processes is noise
 WARMUP_STEPS = 2            # untimed: first-touch allocations, CUDA kernels picked, torch.compile
