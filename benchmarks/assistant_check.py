@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slm.assistant.constraints import story_facts, word_list
+from slm.data.requests import story_facts, word_list
 
 FREE_WORDINGS = [
     "hey can you make up a bedtime story for my kid? it should be about {name} and mention {words}",

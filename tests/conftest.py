@@ -204,3 +204,17 @@ def lively_model(vocab_head: int = 0):
     if vocab_head:
         model.lm_head.set_frequencies(torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5)))
     return model
+
+
+# Conversations with what a template can get wrong: a system message, surrounding whitespace, several turns,
+# a contraction at a boundary, empty messages.
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"}],
+    [{"role": "system", "content": "You tell short stories."},
+     {"role": "user", "content": "  Tell me about a cat.\n"},
+     {"role": "assistant", "content": "Once upon a time, there was a cat named Tom.\nHe liked milk. "},
+     {"role": "user", "content": "And then?"},
+     {"role": "assistant", "content": "Then he slept, 100% happy. \u00e9t\u00e9 \U0001F600"}],
+    [{"role": "user", "content": "'s odd: it starts with a contraction"}, {"role": "assistant", "content": "'ll do"}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "x"}],
+]

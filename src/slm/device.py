@@ -1,4 +1,5 @@
-"""Where the model runs and in which precision: one decision, shared by train, eval and generate."""
+"""Where the model runs and in which precision, one decision shared by every stage; and this process's place
+among a run's processes (torchrun's, read by training.distributed.setup)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,28 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from slm.errors import SlmError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
 
 def pick_device(name: str = "auto") -> torch.device:

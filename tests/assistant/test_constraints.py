@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from slm.assistant.constraints import (HELD_OUT, PHRASINGS, check, distinct_4grams, is_story, main_character, phrasings,
-                             story_facts, story_request, uses_word)
+from slm.assistant.constraints import check, distinct_4grams, is_story
+from slm.data.requests import HELD_OUT, PHRASINGS, main_character, phrasings, story_facts, story_request, uses_word
 
 STORY = ('Once upon a time, there was a little girl named Lily. She had a red ball. One day, Lily took the ball '
          'to the park. "Can I play?" asked a boy called Tom. "Yes!" said Lily. They played under a big tree '

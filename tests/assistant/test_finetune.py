@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import write_conversations
 from slm.runs.files import read_metrics
-from slm.assistant.chat import read_conversations, render
+from slm.data.template import read_conversations, render
 from slm.runs.checkpoint import checkpoint_dir, load_model, read_header
 from slm.cli import main, parse_args
 from slm.config import flags_from_args, resolve

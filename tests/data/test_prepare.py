@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slm.data import prepare
+from slm.runs import files
 from slm.cli import main as cli_main
 from slm.cli import parse_args
 from slm.errors import SlmError
@@ -256,7 +257,7 @@ def test_a_crash_before_the_final_rename_leaves_no_output(tmp_path, monkeypatch)
     def crash(*_):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(prepare.runfiles.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         run_prepare(tmp_path / "stories.txt", tmp_path / "out", "--val-fraction", "0.5", "--seed", "3")
     assert no_leftovers(tmp_path / "out")

@@ -2,8 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_prepared
-from slm.data.windows import ConditionedRows, PretrainBatches, ShuffledWindows, check_fits, document_bounds, get_batch, open_split, token_counts, validation_starts, window_starts
+from conftest import CONVERSATIONS, write_prepared
+from slm.config import resolve
+from slm.data.template import render
+from slm.data.windows import (ConditionedRows, PretrainBatches, ShuffledWindows, SftBatches, check_fits, document_bounds,
+                              get_batch, masked_windows, open_split, pack, token_counts, validation_starts, window_starts)
+from slm.device import World
+from slm.model.gpt import IGNORE_INDEX
 from slm.errors import SlmError
 
 
@@ -91,7 +96,7 @@ def test_token_counts_are_counted_in_chunks_and_match_bincount(tmp_path):
 
 
 def test_conditioned_rows_are_a_request_then_its_story_from_the_start_with_the_loss_on_the_story(tmp_path):
-    from slm.assistant.chat import MARKERS
+    from slm.data.template import MARKERS
     from slm.assistant.constraints import check
     from slm.model.gpt import IGNORE_INDEX
     from slm.data.stories import demo_documents
@@ -125,3 +130,44 @@ def test_conditioned_rows_are_a_request_then_its_story_from_the_start_with_the_l
     plain = ConditionedRows(tokens, 128, seed=3, share=0.0)
     x, y = plain.batch(np.array([0, 10]), step=2, rows=[0, 1], device=torch.device("cpu"))
     assert (y != IGNORE_INDEX).all() and x[1].tolist() == tokens[10:138].tolist()
+
+
+def test_sft_targets_are_ignore_index_wherever_the_target_is_not_an_assistant_token():
+    data = pack(CONVERSATIONS * 3, block_size=16)
+    x, y = masked_windows(data, data.starts, 16)
+    offsets = data.starts[:, None] + np.arange(17)
+    ids, learn = np.take(data.ids, offsets, mode="wrap"), np.take(data.mask, offsets, mode="wrap")
+    assert np.array_equal(x, ids[:, :-1])
+    assert np.array_equal(y[learn[:, 1:]], ids[:, 1:][learn[:, 1:]])
+    assert (y[~learn[:, 1:]] == IGNORE_INDEX).all()
+    assert ((y != IGNORE_INDEX).sum(axis=1) > 0).all()  # no window without a token to learn: no NaN loss
+
+
+def test_a_conversation_longer_than_the_context_is_tiled_so_each_assistant_token_is_a_target_once():
+    long = [{"role": "user", "content": "Tell me a long story. " * 10},
+            {"role": "assistant", "content": "One day a dog ran. " * 12}]
+    data = pack([long], block_size=8)
+    ids, mask = render(long)
+    predicted = np.concatenate([s + 1 + np.arange(8) for s in data.starts])
+    predicted = predicted[predicted < len(ids)]
+    assert sorted(predicted[np.array(mask)[predicted]]) == [i for i, m in enumerate(mask) if m]
+    assert len(set(predicted)) == len(predicted)
+
+
+def test_sft_batches_are_a_function_of_seed_and_step():
+    cfg = resolve("tiny")
+    batches = SftBatches(pack(CONVERSATIONS * 5, cfg.model.block_size), cfg, torch.device("cpu"))
+    first, again, other = batches(3), batches(3), batches(4)
+    assert all(torch.equal(a, b) for pair in zip(first, again) for a, b in zip(*pair))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
+    assert sum(x.size(0) for x, _ in first) == cfg.train.batch_size
+
+
+def test_each_process_takes_its_own_slice_of_the_sft_global_batch():
+    cfg = resolve("tiny", flags={"train": {"batch_size": 8, "micro_batch_size": 2}})
+    data = pack(CONVERSATIONS * 5, cfg.model.block_size)
+    whole = SftBatches(data, cfg, torch.device("cpu"))(3)
+    halves = [SftBatches(data, cfg, torch.device("cpu"), World(rank, rank, 2))(3) for rank in (0, 1)]
+    assert [len(half) for half in halves] == [2, 2]  # 8 rows = 2 processes x 2 micro-batches of 2
+    for (x, y), (wx, wy) in zip(halves[0] + halves[1], whole):
+        assert torch.equal(x, wx) and torch.equal(y, wy)

@@ -501,7 +501,7 @@ def test_generate_and_eval_accept_dtype_bfloat16(tiny_run, tiny_data, capsys):
 
 
 def test_word_forms_are_the_first_ids_of_each_written_form_by_where_it_fits():
-    from slm.assistant.constraints import word_forms
+    from slm.inference.logit_bias import word_forms
     from slm.data.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
@@ -516,8 +516,7 @@ def test_word_forms_are_the_first_ids_of_each_written_form_by_where_it_fits():
 
 def biased_ids(text: str, words: list[str], strength: float = 8.0) -> set[str]:
     """The pieces a word bias pushes after `text` was written by the row."""
-    from slm.assistant.constraints import word_forms
-    from slm.inference.sampling import LogitBias
+    from slm.inference.logit_bias import LogitBias, word_forms
 
     tok = get_tokenizer()
     settings = SamplingSettings(word_bias=strength)
@@ -548,8 +547,7 @@ def test_a_word_bias_pushes_names_at_once_other_words_after_the_first_sentence_a
 
 
 def test_word_reach_pushes_a_word_only_where_it_is_near_the_best_and_widens_with_each_sentence():
-    from slm.assistant.constraints import word_forms
-    from slm.inference.sampling import NAME_FINISH, LogitBias
+    from slm.inference.logit_bias import NAME_FINISH, LogitBias, word_forms
 
     tok = get_tokenizer()
     ball, cat = tok.encode(" ball")[0], tok.encode(" cat")[0]
@@ -580,7 +578,7 @@ def test_word_reach_pushes_a_word_only_where_it_is_near_the_best_and_widens_with
 
 
 def test_dry_penalizes_the_id_that_would_extend_a_repeat_more_the_longer_the_repeat():
-    from slm.inference.sampling import LogitBias
+    from slm.inference.logit_bias import LogitBias
 
     settings = SamplingSettings(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2)
     history = [5, 6, 7, 8, 9, 1, 2, 5, 6, 7]  # "5 6 7" came before, followed by 8
@@ -608,7 +606,7 @@ def test_greedy_decoding_with_dry_repeats_less():
 
 def name(first_id: int):
     """A requested name whose every form starts with this id."""
-    from slm.assistant.constraints import WordForms
+    from slm.inference.logit_bias import WordForms
 
     return WordForms(str(first_id), True, frozenset({first_id}), frozenset({first_id}), frozenset({first_id}), {})
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import skip_unless_ci
 from slm.runs import checkpoint
-from slm.assistant.chat import render, render_text
+from slm.data.template import render, render_text
 from slm.cli import main
 from slm.config import Config, ModelConfig
 from slm.interop.huggingface import export_hf, import_hf, table

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from slm.runs.files import read_metrics
+from slm.runs import files
 from slm.config import ModelConfig, TrainConfig
 from slm.errors import SlmError
 from slm.model.gpt import GPT
@@ -93,7 +93,7 @@ def test_gradients_are_clipped_after_unscaling_under_fp16():
 
 
 def read_metrics(run):
-    return read_metrics(run / "metrics.jsonl", strict=True)
+    return files.read_metrics(run / "metrics.jsonl", strict=True)
 
 
 def test_a_tiny_run_lowers_validation_loss_and_writes_its_files(tiny_run):

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from slm.assistant import following
-from slm.assistant.chat import Message, check_messages, conversation_ids, fit_for_answer
+from slm.data.template import Message, check_messages, conversation_ids, fit_for_answer
 from slm.runs.checkpoint import checkpoint_dir, load_model
 from slm.config import add_checkpoint_choice, add_placement
 from slm.assistant.constraints import check, distinct_4grams, flaws, is_story, word_count

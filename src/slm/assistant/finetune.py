@@ -21,9 +21,10 @@ from typing import Any
 
 from slm.runs import checkpoint
 from slm.training import distributed
-from slm.training.loop import TrainState, check_data_matches, estimate_loss, train
+from slm.training.loop import TrainState, estimate_loss, train
 from slm.runs.files import write_text_atomic
-from slm.assistant.chat import Message, SftBatches, pack, read_conversations
+from slm.data.template import Message, read_conversations
+from slm.data.windows import SftBatches, check_data_matches, pack
 from slm.config import (Config, add_checkpoint_choice, add_config_flags, add_run_out, check_resume_changes,
                         flags_from_args, resolve)
 from slm.device import pick_dtype

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from slm.inference.engine import Engine, TextDelta
-from slm.assistant.constraints import Words, check, flaws, read_request, sentences, word_forms
+from slm.assistant.constraints import check, flaws, read_request
+from slm.data.requests import sentences
+from slm.inference.logit_bias import Words, word_forms
 from slm.model.gpt import GPT
 from slm.inference.sampling import SamplingSettings
 from slm.data.tokenizer import Tokenizer

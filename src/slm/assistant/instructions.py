@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from slm.runs.files import atomic_path
-from slm.assistant.constraints import main_character, phrasings, story_facts, story_request, word_list
+from slm.data.requests import main_character, phrasings, story_facts, story_request, word_list
 from slm.errors import SlmError
 from slm.data.prepare import held_out, open_source
 

@@ -1,4 +1,5 @@
-"""Training windows from the token memmaps that `slm prepare` writes.
+"""Training windows: pretraining's, from the token memmaps that `slm prepare` writes, and fine-tuning's, from
+conversations packed into one stream with the loss on the assistant's tokens only.
 
 The order of windows is a pure function of (seed, step): the global batch of step s is drawn from
 `numpy.random.default_rng((seed, s))` (`--windows random`), or is the s-th batch of a sequence of shuffled
@@ -11,24 +12,27 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from slm.training import distributed
-from slm.assistant.chat import render_text
 from slm.config import Config
-from slm.assistant.constraints import story_facts, story_request
-from slm.training.distributed import World
+from slm.data.prepare import read_meta
+from slm.data.requests import story_facts, story_request
+from slm.data.template import Message, render, render_text
+from slm.data.tokenizer import EOT_ID, get_tokenizer
+from slm.device import World
 from slm.errors import SlmError
 from slm.model.gpt import IGNORE_INDEX
-from slm.data.prepare import read_meta
-from slm.data.tokenizer import EOT_ID, get_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (B, T)
 _VALIDATION_STREAM = 2**31 - 1  # a step number training never reaches: the fixed validation windows
 _SHUFFLED_STREAM = 2**31 - 2  # keeps the passes' draws apart from the random windows' and validation's
+T = TypeVar("T")
 
 
 def open_split(data_dir: str | Path, split: str) -> np.memmap:
@@ -41,6 +45,17 @@ def check_fits(tokens: np.memmap, block_size: int, split: str) -> None:
     if len(tokens) < block_size + 1:
         raise SlmError(f"the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = "
                        f"{block_size + 1}; lower --block-size or prepare more data")
+
+
+def check_data_matches(meta: dict, cfg: Config, tokenizer_identity: dict) -> None:
+    """The data (its meta.json, or a file's tokenizer) was tokenized as this model reads, into ids it has."""
+    if meta["tokenizer"].get("vocab_hash") != tokenizer_identity["vocab_hash"]:
+        raise SlmError(f"the data was prepared with tokenizer {meta['tokenizer'].get('name')!r} "
+                       f"({meta['tokenizer'].get('vocab_hash')}), not this model's {tokenizer_identity['name']!r}; "
+                       f"prepare it again")
+    if meta["tokenizer"]["vocab_size"] > cfg.model.vocab_size:
+        raise SlmError(f"the data has {meta['tokenizer']['vocab_size']} token ids but --vocab-size is "
+                       f"{cfg.model.vocab_size}; raise --vocab-size to at least that")
 
 
 def window_starts(seed: int, step: int, count: int, n_tokens: int, block_size: int) -> np.ndarray:
@@ -169,6 +184,17 @@ class ConditionedRows:
         return torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ys)).to(device)
 
 
+def share(items: Sequence, world: World) -> Sequence:
+    """This process's consecutive slice of a global batch (whose size the world's size divides)."""
+    per_process = len(items) // world.world_size
+    return items[world.rank * per_process:(world.rank + 1) * per_process]
+
+
+def micro_batches(starts: Sequence, size: int, window: Callable[[Sequence], T]) -> list[T]:
+    """Consecutive micro-batches of `size` window starts, each made a batch by `window`."""
+    return [window(starts[i:i + size]) for i in range(0, len(starts), size)]
+
+
 class PretrainBatches:
     """Random windows of the training memmap; step s always gets the same global batch."""
 
@@ -187,15 +213,15 @@ class PretrainBatches:
         t = self.cfg.train
         starts = (self.shuffled(step, t.batch_size) if self.shuffled is not None else
                   window_starts(t.seed, step, t.batch_size, len(self.tokens), self.cfg.model.block_size))
-        mine = distributed.share(starts, self.world)
+        mine = share(starts, self.world)
         first = self.world.rank * len(mine)
         if self.conditioned is not None:
             return [self.conditioned.batch(mine[i:i + t.micro_batch_size], step,
                                            list(range(first + i, first + i + t.micro_batch_size)), self.device)
                     for i in range(0, len(mine), t.micro_batch_size)]
         block_size = self.cfg.model.block_size
-        return distributed.micro_batches(mine, t.micro_batch_size,
-                                         lambda starts: get_batch(self.tokens, starts, block_size, self.device))
+        return micro_batches(mine, t.micro_batch_size, lambda starts: get_batch(self.tokens, starts, block_size,
+                                                                                self.device))
 
 
 def validation_batches(data_dir: str, cfg: Config, device: torch.device) -> list[Batch]:
@@ -203,5 +229,68 @@ def validation_batches(data_dir: str, cfg: Config, device: torch.device) -> list
     check_fits(tokens, cfg.model.block_size, "validation")
     t = cfg.train
     starts = validation_starts(t.seed, t.eval_batches * t.micro_batch_size, len(tokens), cfg.model.block_size)
-    return distributed.micro_batches(starts, t.micro_batch_size,
-                                     lambda window: get_batch(tokens, window, cfg.model.block_size, device))
+    return micro_batches(starts, t.micro_batch_size,
+                         lambda window: get_batch(tokens, window, cfg.model.block_size, device))
+
+
+# ---- supervised fine-tuning windows -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SftData:
+    """Conversations rendered and packed into one stream, and the windows training reads from it."""
+
+    ids: np.ndarray     # (N,) every conversation's ids, one after another
+    mask: np.ndarray    # (N,) True where the token is one the model must learn to produce
+    # (W,) window offsets: each conversation tiled every block_size tokens from its start, keeping the tiles
+    # whose targets include some of that conversation's own assistant tokens
+    starts: np.ndarray
+
+
+def pack(conversations: list[list[Message]], block_size: int) -> SftData:
+    rendered = [render(messages) for messages in conversations]
+    ids = np.array([i for r in rendered for i in r[0]], dtype=np.int64)
+    mask = np.array([m for r in rendered for m in r[1]], dtype=bool)
+    learned = np.concatenate([[0], np.cumsum(mask)])  # learned[b] - learned[a]: assistant tokens in [a, b)
+    starts, offset = [], 0
+    for conversation_ids, _ in rendered:
+        end = offset + len(conversation_ids)
+        # The tile at s predicts tokens s+1 .. s+block_size; tiling every block_size predicts each once.
+        starts += [s for s in range(offset, end - 1, block_size)
+                   if learned[min(s + block_size + 1, end)] > learned[s + 1]]
+        offset = end
+    return SftData(ids, mask, np.array(starts, dtype=np.int64))
+
+
+def masked_windows(data: SftData, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs (B, block_size) = window[:-1] and targets = window[1:], IGNORE_INDEX wherever the target is
+    not an assistant token. A window runs on into the next conversations (packing); at the end of the
+    stream it wraps to the start, where a conversation begins too."""
+    offsets = starts[:, None] + np.arange(block_size + 1)  # (B, block_size + 1)
+    ids = np.take(data.ids, offsets, mode="wrap")
+    learn = np.take(data.mask, offsets, mode="wrap")
+    return ids[:, :-1], np.where(learn[:, 1:], ids[:, 1:], IGNORE_INDEX)
+
+
+class SftBatches:
+    """Windows of the packed conversations for fine-tuning; like pretraining's, step s's global batch is a
+    pure function of (seed, step), so a run is reproducible and needs no sampler state."""
+
+    def __init__(self, data: SftData, cfg: Config, device: torch.device, world: World = World()) -> None:
+        self.data, self.cfg, self.device, self.world = data, cfg, device, world
+
+    def __call__(self, step: int) -> list[Batch]:
+        """This process's micro-batches: its slice of the global batch."""
+        t = self.cfg.train
+        rng = np.random.default_rng((t.seed, step))
+        starts = self.data.starts[rng.integers(0, len(self.data.starts), size=t.batch_size)]
+        return micro_batches(share(starts, self.world), t.micro_batch_size, self.window)
+
+    def first(self, count: int) -> list[Batch]:
+        """The first `count` micro-batches of windows, in order: a fixed set for every evaluation to score."""
+        t = self.cfg.train
+        starts = self.data.starts[:count * t.micro_batch_size]
+        return micro_batches(starts, t.micro_batch_size, self.window)
+
+    def window(self, starts: np.ndarray) -> Batch:
+        inputs, targets = masked_windows(self.data, starts, self.cfg.model.block_size)
+        return torch.from_numpy(inputs).to(self.device), torch.from_numpy(targets).to(self.device)

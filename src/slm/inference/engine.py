@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from slm.assistant.constraints import Words
 from slm.errors import SlmError
 from slm.inference.kv_cache import SlotCache
 from slm.model.gpt import GPT
-from slm.inference.sampling import LogitBias, SamplingSettings, make_generator, make_picker
+from slm.inference.logit_bias import LogitBias, Words
+from slm.inference.sampling import SamplingSettings, make_generator, make_picker
 from slm.data.tokenizer import StopText, StreamDecoder, Tokenizer
 
 

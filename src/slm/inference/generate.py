@@ -22,11 +22,11 @@ import torch
 
 from slm.inference.engine import Engine, complete, stream
 from slm.config import add_checkpoint_choice, add_placement
-from slm.assistant.constraints import Words
 from slm.errors import SlmError
 from slm.model.gpt import GPT
-from slm.inference.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, LogitBias, make_generator,
-                          make_picker)
+from slm.inference.logit_bias import LogitBias, Words
+from slm.inference.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, make_generator,
+                                    make_picker)
 from slm.data.tokenizer import Tokenizer
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def decode(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
            words: list[Words] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) of every row, settings.max_new_tokens times, after prompts of any lengths; every
     row runs to the end (stop strings and end-of-text are text's business: batching.stream). `words`: each
-    row's requested words (constraints.word_forms), pushed by settings.word_bias. The settings and prompts are
+    row's requested words (logit_bias.word_forms), pushed by settings.word_bias. The settings and prompts are
     checked on the call, before the first step is asked for. Full recompute takes prompts of one length."""
     settings.check(model.config.vocab_size)
     if not prompts or not all(prompts):

@@ -208,7 +208,7 @@ def write_hf_folder(model: GPT, out: Path, chat: bool, card: str) -> None:
     tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.block_size,
                         "add_prefix_space": False, "add_bos_token": False, **special}
     if chat:
-        from slm.assistant.chat import CHAT_TEMPLATE_JINJA
+        from slm.data.template import CHAT_TEMPLATE_JINJA
         tokenizer_config["chat_template"] = CHAT_TEMPLATE_JINJA
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")

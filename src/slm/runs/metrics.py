@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from slm.runs.files import MetricsLog, read_metrics, rewind_metrics, write_text_atomic
+from slm.runs.files import MetricsLog, read_metrics, write_text_atomic
 from slm.runs.card import write_card
 from slm.config import Config
 from slm.errors import SlmError
@@ -40,7 +40,7 @@ def tensorboard_writer(folder: Path, first_step: int):
 class RunLog:
     def __init__(self, run_dir: Path, cfg: Config, parameters: int, first_step: int, enabled: bool = True) -> None:
         """`first_step` is the step the run starts or resumes from; TensorBoard hides whatever an earlier
-        process logged after it, as metrics.jsonl drops it (rewind_metrics)."""
+        process logged after it, as metrics.jsonl drops it (files.rewind_metrics)."""
         self.run_dir, self.cfg, self.parameters, self.enabled = run_dir, cfg, parameters, enabled
         self.tensorboard = tensorboard_writer(run_dir / "tb", first_step) if enabled and cfg.train.tensorboard else None
         self.metrics = MetricsLog(run_dir / "metrics.jsonl") if enabled else None

@@ -13,9 +13,6 @@ import datetime
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,24 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from slm.device import pick_device
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+from slm.device import World, pick_device
 
 
 def setup(device_name: str, collective_timeout: float = 600.0) -> tuple[World, torch.device]:
@@ -133,17 +113,6 @@ def load_optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Op
                   if all(name in index for name in saved["params"])]
         optimizer.load_state_dict({"state": {index[name]: value for name, value in state["state"].items()
                                              if name in index}, "param_groups": groups})
-
-
-def share(items: Sequence, world: World) -> Sequence:
-    """This process's consecutive slice of a global batch (whose size the world's size divides)."""
-    per_process = len(items) // world.world_size
-    return items[world.rank * per_process:(world.rank + 1) * per_process]
-
-
-def micro_batches(starts: Sequence, size: int, window: Callable[[Sequence], T]) -> list[T]:
-    """Consecutive micro-batches of `size` window starts, each made a batch by `window`."""
-    return [window(starts[i:i + size]) for i in range(0, len(starts), size)]
 
 
 def total(values: list[float], world: World, device: torch.device) -> list[float]:

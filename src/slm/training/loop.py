@@ -28,13 +28,12 @@ from tqdm import tqdm
 
 from slm.runs import checkpoint
 from slm.training import distributed
-from slm.data.windows import PretrainBatches, open_split, token_counts, validation_batches
+from slm.data.windows import PretrainBatches, check_data_matches, open_split, token_counts, validation_batches
 from slm.runs.files import rewind_metrics, write_text_atomic
 from slm.config import (Config, TrainConfig, add_config_flags, add_config_source, add_run_out, check_resume_changes,
                         flags_from_args, resolve)
 from slm.data.windows import Batch
-from slm.device import autocast, compile_model, keep_freed_memory, pick_dtype, should_compile
-from slm.training.distributed import World
+from slm.device import World, autocast, compile_model, keep_freed_memory, pick_dtype, should_compile
 from slm.errors import SlmError
 from slm.training.launch import StopOnSignal, launch
 from slm.model.gpt import GPT, IGNORE_INDEX
@@ -174,16 +173,6 @@ def estimate_loss(model: torch.nn.Module, batches: list[Batch], device: torch.de
     model.train(was_training)
     loss_sum, count = distributed.total([sum(losses), len(losses)], world, device)
     return loss_sum / count
-
-
-def check_data_matches(meta: dict, cfg: Config, tokenizer_identity: dict) -> None:
-    if meta["tokenizer"].get("vocab_hash") != tokenizer_identity["vocab_hash"]:
-        raise SlmError(f"the data was prepared with tokenizer {meta['tokenizer'].get('name')!r} "
-                       f"({meta['tokenizer'].get('vocab_hash')}), not this model's {tokenizer_identity['name']!r}; "
-                       f"prepare it again")
-    if meta["tokenizer"]["vocab_size"] > cfg.model.vocab_size:
-        raise SlmError(f"the data has {meta['tokenizer']['vocab_size']} token ids but --vocab-size is "
-                       f"{cfg.model.vocab_size}; raise --vocab-size to at least that")
 
 
 @dataclass
