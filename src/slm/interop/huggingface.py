@@ -1,15 +1,5 @@
-"""`slm export` and `slm import`: Hugging Face GPT-2 folders both ways, and GGUF files for llama.cpp.
-
-slm's parameter names are GPT-2's, so both directions read one table, `table()`: each slm tensor, its name in
-llama.cpp's GGUF `gpt2` architecture, and whether Hugging Face stores it transposed. HF's GPT-2 uses Conv1D
-layers whose weights are (in, out), the transpose of nn.Linear's (out, in), for exactly the four matrices
-c_attn, c_proj (attention), c_fc and c_proj (MLP). GGUF stores nn.Linear's layout, as llama.cpp's
-convert_hf_to_gguf.py does after transposing those same four back. The tied head is stored once in the HF
-folder (tie_word_embeddings) and written again as GGUF's `output` tensor, one of the tensors gguf's
-MODEL_TENSORS lists for MODEL_ARCH.GPT2 (older llama.cpp builds require it; newer ones accept it).
-
-A compact vocabulary head (model.CompactHead) is exported expanded to an untied (V, C) head whose logits are
-exactly the compact head's full logits; `expanded_head` explains how without a bias.
+"""`slm export` and `slm import`: Hugging Face GPT-2 folders (transformers' GPT2LMHeadModel) both ways, through
+tensors.py's one table; `slm export --format gguf` hands over to gguf_file.py.
 """
 
 from __future__ import annotations
@@ -24,79 +14,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slm.runs import checkpoint
-from slm.runs.files import atomic_path, write_text_atomic
-from slm.runs.card import hub_card
 from slm.config import Config, ModelConfig, add_checkpoint_choice
-from slm.errors import SlmError
-from slm.model.gpt import GPT, CompactHead
-from slm.runs.plot import CURVES
 from slm.data.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer, vocab_files
+from slm.errors import SlmError
+from slm.interop.gguf_file import export_gguf
+from slm.interop.tensors import LAYER_NORM_EPS, check_exportable, export_state, table
+from slm.model.gpt import GPT
+from slm.runs import checkpoint
+from slm.runs.card import hub_card
+from slm.runs.files import write_atomically, write_text_atomic
+from slm.runs.plot import CURVES
 
-GLOBAL = [("transformer.wte.weight", "token_embd.weight", False),
-          ("transformer.wpe.weight", "position_embd.weight", False),
-          ("transformer.ln_f.weight", "output_norm.weight", False),
-          ("transformer.ln_f.bias", "output_norm.bias", False)]
-PER_LAYER = [("ln_1.weight", "attn_norm.weight", False), ("ln_1.bias", "attn_norm.bias", False),
-             ("attn.c_attn.weight", "attn_qkv.weight", True), ("attn.c_attn.bias", "attn_qkv.bias", False),
-             ("attn.c_proj.weight", "attn_output.weight", True), ("attn.c_proj.bias", "attn_output.bias", False),
-             ("ln_2.weight", "ffn_norm.weight", False), ("ln_2.bias", "ffn_norm.bias", False),
-             ("mlp.c_fc.weight", "ffn_up.weight", True), ("mlp.c_fc.bias", "ffn_up.bias", False),
-             ("mlp.c_proj.weight", "ffn_down.weight", True), ("mlp.c_proj.bias", "ffn_down.bias", False)]
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are tanh GELU, which model.py computes
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which model.py uses
-# A compact head's expanded rows carry log q(id), about -11, through a dot product whose other terms have the
-# embedding's scale: rounded like the other weights they moved logits 5 to 6 times more than a full head's do
-# (tests/test_export.py's models: f16 2.6e-3 against 4.2e-4, q8_0 4.6e-2 against 9.6e-3); one type up, less.
-COMPACT_HEAD_OUTTYPE = {"f32": "f32", "f16": "f32", "q8_0": "f16"}
-
-
-def table(n_layer: int) -> list[tuple[str, str, bool]]:
-    """(slm and HF name, GGUF name, stored transposed by HF) for every tensor but the tied head."""
-    return GLOBAL + [(f"transformer.h.{i}.{ours}", f"blk.{i}.{gguf}", t)
-                     for i in range(n_layer) for ours, gguf, t in PER_LAYER]
-
-
-def check_exportable(cfg: ModelConfig) -> None:
-    if not cfg.bias:
-        raise SlmError("this model has bias=False, which Hugging Face's GPT-2 cannot express; export needs bias=True")
-
-
-def expanded_head(model: GPT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A (V, C) head and a final layer norm (gain, bias) that give a compact head's exact full-vocabulary logits.
-
-    Row i of the head is the vector of i's class (its own embedding, or "other"), and a rare id's logit needs
-    + log q(i) on top; GPT-2's lm_head has no bias for it. ln_f's output is y = n*g + b with n normalised, so
-    logit i is row_i.(n*g) + bias_i, bias_i = row_i.b + log q(i) a constant per id. Two exact rewrites carry it:
-    - scaling channel d of every row by g_d/G (G = rms(g)) turns ln_f's gain into the constant G; the rows keep
-      the embedding's scale on average, and a small g_d shrinks a channel instead of inflating it;
-    - n sums to zero over channels, so ln_f's output with the constant bias beta sums to C*beta for every input:
-      t_i added to each channel of row i adds t_i*C*beta to logit i, and t_i pays bias_i less what row i's
-      scaled channels already get from beta.
-    beta makes the rows (by t) and the activations (by beta) grow by the same factor over their scales, no more
-    than each needs; llama.cpp rounds both to f16 or q8_0 blocks. Computed in float64, exact to f32 rounding."""
-    head, ln_f = model.lm_head, model.transformer.ln_f
-    if not isinstance(head, CompactHead):
-        return model.transformer.wte.weight.detach(), ln_f.weight.detach(), ln_f.bias.detach()
-    g, b = ln_f.weight.detach().double(), ln_f.bias.detach().double()
-    wte = model.transformer.wte.weight.detach().double()
-    rows = torch.cat([wte[head.head_ids], head.other.detach().double()])[head.class_of]  # (V, C)
-    bias = rows @ b + head.log_q.double()                                                 # (V,)
-    C, G = g.numel(), g.square().mean().sqrt()
-    rows *= g / G
-    rho = (wte * (g / G)).square().mean().sqrt()  # the scaled embedding's scale
-    beta = G * max(1.0, (bias.abs().max() / (C * rho * G)).sqrt().item())
-    t = (bias - beta * rows.sum(1)) / (C * beta)
-    return (rows + t[:, None]).float(), torch.full_like(g, G).float(), torch.full_like(g, beta).float()
-
-
-def export_state(model: GPT) -> dict[str, torch.Tensor]:
-    """Every exported tensor by its slm (= HF) name, in nn.Linear's layout, the head as `lm_head.weight`."""
-    state = model.state_dict()
-    tensors = {name: state[name] for name, _, _ in table(model.config.n_layer)}
-    (tensors[checkpoint.TIED_HEAD], tensors["transformer.ln_f.weight"],
-     tensors["transformer.ln_f.bias"]) = expanded_head(model)
-    return tensors
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -215,14 +144,6 @@ def write_hf_folder(model: GPT, out: Path, chat: bool, card: str) -> None:
     (out / "README.md").write_text(card, encoding="utf-8")
 
 
-def write_atomically(out: Path, force: bool, write) -> None:
-    """`write(tmp)` builds the folder or file, which then replaces `out` whole (atomic_path)."""
-    if out.exists() and not force:
-        raise SlmError(f"{out} already exists; pass --force to replace it or choose another --out")
-    with atomic_path(out) as tmp:
-        write(tmp)
-
-
 def export_hf(run: str | Path, out: str | Path, which: str = "best", force: bool = False) -> Path:
     run, out = Path(run), Path(out)
     model, cfg, _ = checkpoint.load_model(checkpoint.checkpoint_dir(run, which))
@@ -265,69 +186,6 @@ def push_to_hub(folder: Path, repo: str) -> None:
     except Exception as err:  # network, auth and permission failures each have their own type
         raise SlmError(f"pushing {folder} to {repo} failed ({type(err).__name__}: {err}); "
                        f"{folder} was written") from None
-
-
-# ---- GGUF -------------------------------------------------------------------------------------------------
-
-def export_gguf(run: str | Path, out: str | Path, which: str = "best", outtype: str = "f16",
-                force: bool = False) -> Path:
-    """A GGUF file for llama.cpp's `gpt2` architecture; 2-D weights in `outtype` (a compact head's expanded
-    rows one type more precise: COMPACT_HEAD_OUTTYPE), norms and biases in f32."""
-    import gguf  # here, not at the top: `slm export` to a Hugging Face folder never loads it
-    run, out = Path(run), Path(out)
-    model, cfg, _ = checkpoint.load_model(checkpoint.checkpoint_dir(run, which))
-    check_exportable(cfg.model)
-    m = cfg.model
-    quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}
-    if outtype not in quant:
-        raise SlmError(f"--outtype must be one of {', '.join(quant)} (got {outtype!r})")
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    if outtype == "q8_0" and m.n_embd % block:
-        raise SlmError(f"q8_0 needs n_embd divisible by {block} (got {m.n_embd}); use --outtype f16")
-    tokenizer = get_tokenizer()
-    vocab_bpe, encoder_json = vocab_files()
-    encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-    tokens = sorted(encoder, key=encoder.get)  # GPT-2's byte-level strings, in id order
-    merges = [line for line in Path(vocab_bpe).read_text(encoding="utf-8").splitlines()[1:] if line]  # skip #version
-    state = export_state(model)
-    tensors = [(gguf_name, state[name]) for name, gguf_name, _ in table(m.n_layer)]
-    tensors.append(("output.weight", state[checkpoint.TIED_HEAD]))  # written even when tied, as llama.cpp does
-
-    def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), "gpt2")
-        w.add_name(out.stem)
-        w.add_context_length(m.block_size)
-        w.add_embedding_length(m.n_embd)
-        w.add_feed_forward_length(4 * m.n_embd)
-        w.add_block_count(m.n_layer)
-        w.add_head_count(m.n_head)
-        w.add_layer_norm_eps(LAYER_NORM_EPS)
-        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(tokens)
-        w.add_token_types([gguf.TokenType.CONTROL if i == tokenizer.eot_id else gguf.TokenType.NORMAL
-                           for i in range(len(tokens))])
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tokenizer.eot_id)
-        w.add_eos_token_id(tokenizer.eot_id)
-        for name, tensor in tensors:
-            data = tensor.float().numpy()
-            stored = COMPACT_HEAD_OUTTYPE[outtype] if name == "output.weight" and m.vocab_head else outtype
-            kind = quant[stored] if data.ndim == 2 else gguf.GGMLQuantizationType.F32  # llama.cpp keeps 1-D in f32
-            if kind == gguf.GGMLQuantizationType.F16:
-                data = data.astype("float16")
-            elif kind == gguf.GGMLQuantizationType.Q8_0:
-                data = gguf.quants.quantize(data, kind)
-            w.add_tensor(name, data, raw_dtype=kind)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-    write_atomically(out, force, write)
-    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -98,6 +98,14 @@ def rewind_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
+def write_atomically(out: Path, force: bool, write) -> None:
+    """`write(tmp)` builds the folder or file, which then replaces `out` whole (atomic_path)."""
+    if out.exists() and not force:
+        raise SlmError(f"{out} already exists; pass --force to replace it or choose another --out")
+    with atomic_path(out) as tmp:
+        write(tmp)
+
+
 class MetricsLog:
     """Appends one JSON object per line to RUN/metrics.jsonl, flushed so a crash loses at most a line."""
 

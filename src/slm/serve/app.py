@@ -1,35 +1,29 @@
 """`slm serve`: an OpenAI-compatible HTTP API and a web chat page over one model (FastAPI + uvicorn).
 
-    GET  /                      the chat page (chat.html): streams answers, keeps the conversation
+    GET  /                      the chat page (page.html): streams answers, keeps the conversation
     GET  /health                {"status": "ok", "model": ID, "max_tokens": LIMIT, "api_key_required": BOOL}
     GET  /v1/models             the one model; its id is the run folder's name
     POST /v1/completions        continue a prompt (a string or a list of strings)
-    POST /v1/chat/completions   answer a conversation, rendered with chat.py's template
+    POST /v1/chat/completions   answer a conversation, rendered with the chat template (data/template.py)
 
 Both POST endpoints take `model`, `max_tokens`, `temperature`, `top_p`, `n`, `stop` (a string or a list
 of up to 4), `seed`, `stream`, `stream_options.include_usage` and the extensions `repetition_penalty` and
-`word_bias` and `word_reach` (chats), `dry_multiplier` and `best_of` (answers decoded per choice, of which the one that best
-follows the request is returned: slm.assistant.following); other fields are ignored. A sampling field left out comes
-from RUN/sampling.json, else OpenAI's.
+`word_bias` and `word_reach` (chats), `dry_multiplier` and `best_of` (answers decoded per choice, of which the
+one that best follows the request is returned: slm.assistant.following); other fields are ignored. A sampling
+field left out comes from RUN/sampling.json, else OpenAI's.
 `stream: true` sends server-sent events, a chunk per piece of text, ending with `data: [DONE]`. Each
 choice ends with the engine's finish reason: "stop" (end-of-text or a stop string) or "length".
 
 Context: a completion prompt must be shorter than the model's context (block_size), else 400
-`context_length_exceeded`; `max_tokens` may reach past the context, as generate.py's window slides. A chat
-drops its oldest turns first, as `slm chat` does (chat.fit_context; `usage.prompt_tokens` counts what is
+`context_length_exceeded`; `max_tokens` may reach past the context, as generation's window slides. A chat
+drops its oldest turns first, as `slm chat` does (template.fit_context; `usage.prompt_tokens` counts what is
 kept), and is refused only when the system message and the newest message alone do not fit. Every error is
 OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}, with a 4xx status for a client's mistake.
 
-Batching (continuous): one worker thread owns the model and its running batch (batching.Engine); request
-handlers put jobs on its inbox and await their text on an asyncio queue, so the event loop never waits for
-the model. Between two decoding steps the worker admits waiting requests while rows are free: a request
-arriving mid-decode joins the running batch at the next step, each row with its own sampling settings,
-stop strings, max_tokens and seed (choice i of a request with `seed` samples with seed + i, on its own
-generator, so its text does not depend on what else is decoding). A row that finishes, or whose request has
-gone, leaves the batch at once and frees its slot. At most --max-batch rows decode at once; later requests
-wait in arrival order.
+Batching (continuous): one worker thread owns the model and its running batch (worker.py); request
+handlers put jobs on its inbox and await their text on an asyncio queue, so the event loop never waits.
 
-Limits (serve_requests.py; flags of `slm serve`): a request asks for at most --max-batch rows and
+Limits (schema.py; flags of `slm serve`): a request asks for at most --max-batch rows and
 --max-tokens per row, a chat has at most --max-messages messages, a body at most --max-body-bytes; past
 --max-waiting rows waiting, a request is refused with 429 and Retry-After. --request-timeout after it is
 queued, a request's rows still decoding end with "length"; when its client disconnects, streaming or not,
@@ -40,25 +34,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
-import dataclasses
 import json
-import logging
 import os
-import queue
 import secrets
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-from slm.errors import SlmError
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -66,166 +52,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from slm.assistant import chat, following
-from slm.runs.checkpoint import checkpoint_dir, load_model
+from slm.assistant import following
 from slm.config import add_checkpoint_choice, add_placement
+from slm.data.template import check_messages, conversation_ids, fit_for_answer
+from slm.data.tokenizer import get_tokenizer
 from slm.device import pick_device, pick_dtype
-from slm.inference.engine import Engine, TextDelta
+from slm.errors import SlmError
 from slm.inference.sampling import SamplingSettings
 from slm.model.gpt import GPT
+from slm.runs.checkpoint import checkpoint_dir, load_model
 from slm.runs.files import read_sampling
 from slm.serve.schema import (ApiError, BodyLimit, ChatRequest, CompletionRequest, Limits, Sampling, busy,
-                                generation_failed, invalid_body)
-from slm.data.tokenizer import Tokenizer, get_tokenizer
+                              generation_failed, invalid_body)
+from slm.serve.worker import Job, Worker
 
-log = logging.getLogger("slm.serve.app")
 API_KEY_ENV = "SLM_API_KEY"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")  # hosts only this machine can reach
-TIME_UP = object()  # what a job's queue gets at its deadline
 
-
-# ---- the worker: one thread owns the model ----------------------------------------------------------------------
-
-@dataclass(eq=False)
-class Job:
-    """One request's choices (each prompt n times) and the queue their TextDeltas go to, row = choice index.
-    Each choice decodes settings.best_of candidate rows; with more than one, or a requested last sentence,
-    its text is sent whole once chosen (following.choose), as OpenAI's best_of does not stream either."""
-
-    prompts: list[list[int]]
-    settings: SamplingSettings
-    seed: int | None
-    loop: asyncio.AbstractEventLoop
-    deadline: float  # time.monotonic() when its rows end (slm serve --request-timeout)
-    plan: following.Plan = following.Plan({}, [])  # what a chat asks (following.plan); a completion asks nothing
-    deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # set once nobody reads its deltas: answered, or its client has gone
-    # per choice, its candidates' text and last delta so far, while they decode (whole answers only)
-    candidates: dict[int, dict[int, tuple[str, TextDelta | None]]] = field(default_factory=dict)
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts) * self.settings.best_of
-
-    def send(self, item: TextDelta | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.deltas.put_nowait, item)
-
-    def gone(self) -> bool:
-        """Whether the job's text is of no more use: the worker drops its rows, the queue no longer counts it."""
-        return self.cancelled or time.monotonic() >= self.deadline
-
-
-class Worker:
-    """The thread that owns the model and its running batch (batching.Engine): between two decoding steps it
-    drops the rows of requests gone, admits waiting requests while rows are free, and sends each delta to
-    its request."""
-
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
-        self.engine = Engine(model, tokenizer, max_batch)
-        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # None asks the thread to end
-        self.thread = threading.Thread(target=self._run, name="slm-serve-worker", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.inbox.put(None)
-        self.thread.join()
-
-    def submit(self, job: Job) -> None:
-        self.inbox.put(job)
-
-    @staticmethod
-    async def results(job: Job) -> AsyncIterator[TextDelta]:
-        """A submitted job's deltas as the worker sends them, until every row has its finish reason. At the
-        job's deadline, rows still decoding end where they are with "length", as llama.cpp's server ends one
-        past its time limit."""
-        tokens = dict.fromkeys(range(len(job.prompts)), 0)  # per row not finished, the ids it has generated
-        # A marker queued at the deadline, not asyncio.wait_for around each get: before Python 3.12, wait_for
-        # swallows a cancellation that meets a delta just arrived, so a client's leaving could go unnoticed.
-        timer = job.loop.call_later(max(job.deadline - time.monotonic(), 0), job.deltas.put_nowait, TIME_UP)
-        try:
-            while tokens:
-                item = await job.deltas.get()
-                if item is TIME_UP:
-                    for row, count in sorted(tokens.items()):
-                        yield TextDelta(row, "", count, "length")
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                if item.finish_reason:
-                    del tokens[item.row]
-                else:
-                    tokens[item.row] = item.tokens
-                yield item
-        finally:
-            timer.cancel()
-            job.cancelled = True
-
-    def _run(self) -> None:
-        engine, waiting = self.engine, collections.deque()
-        while True:
-            # Idle, sleep until a request comes; busy, take what arrived during the last step without waiting.
-            arrived = [self.inbox.get()] if not engine.rows and not waiting else []
-            while not self.inbox.empty():
-                arrived.append(self.inbox.get())
-            if None in arrived:
-                return
-            waiting = collections.deque(job for job in [*waiting, *arrived] if not job.gone())  # some left waiting
-            for row in [row for row in engine.rows if row.owner[0].gone()]:
-                engine.remove(row)
-            # In arrival order, so a request asking for many rows is not starved by later, smaller ones.
-            while waiting and waiting[0].rows <= engine.max_rows - len(engine.rows):
-                self._guard(self._admit, waiting.popleft())
-            if engine.rows:
-                self._guard(self._step)
-
-    def _admit(self, job: Job) -> None:
-        """The job's rows join the running batch. Row r of a seeded request (choice r // best_of) samples with
-        seed + r, on a generator of its own, so its text is the same whatever else is decoding."""
-        plan, best_of = job.plan, job.settings.best_of
-        for choice, ids in enumerate(job.prompts):
-            if plan.starts and not plan.answered_whole(job.settings):
-                job.send(TextDelta(choice, plan.starts, 0))
-            job.candidates[choice] = {}
-            for candidate in range(best_of):
-                row = choice * best_of + candidate
-                seed = None if job.seed is None else (job.seed + row) % 2**64
-                self.engine.add(ids + plan.start_ids, job.settings, seed, plan.words, (job, choice, candidate),
-                                written=len(plan.start_ids))
-
-    def _step(self) -> None:
-        for row, delta in self.engine.step():
-            job, choice, candidate = row.owner
-            if job.gone():
-                continue
-            if not job.plan.answered_whole(job.settings):
-                job.send(dataclasses.replace(delta, row=choice))
-                continue
-            texts = job.candidates[choice]
-            texts[candidate] = (texts.get(candidate, ("", None))[0] + delta.text, delta)
-            if len(texts) == job.settings.best_of and all(d.finish_reason for _, d in texts.values()):
-                self._send_chosen(job, choice)
-
-    def _send_chosen(self, job: Job, choice: int) -> None:
-        """The best of a choice's finished candidates, as one delta with every candidate's tokens."""
-        candidates = [job.candidates[choice][c] for c in range(job.settings.best_of)]
-        kept, text = following.best(self.engine.model, self.engine.tokenizer, job.plan, [t for t, _ in candidates])
-        job.send(TextDelta(choice, text, sum(d.tokens for _, d in candidates), candidates[kept][1].finish_reason))
-
-    def _guard(self, call, *args) -> None:
-        """call(*args); an exception (a bug: requests are checked before they get here) fails the jobs with
-        rows in the batch, or the one being admitted, and empties the batch."""
-        try:
-            call(*args)
-        except Exception as err:
-            log.exception("generation failed")
-            for job in {row.owner[0] for row in self.engine.rows} | set(args):
-                job.send(err)
-            self.engine.rows.clear()
-
-
-# ---- requests ---------------------------------------------------------------------------------------------------
 
 class Server:
     """The model and its limits; turns requests into jobs for the worker, and their deltas into responses."""
@@ -253,11 +96,11 @@ class Server:
                            f"{self.limits.max_messages} (slm serve --max-messages): send only the newest ones",
                            "messages")
         try:
-            messages = chat.check_messages(body.messages, "request")
+            messages = check_messages(body.messages, "request")
         except SlmError as err:
             raise ApiError(400, str(err), "messages") from None
-        fitted = chat.fit_for_answer(messages, self.model.config.block_size, self.max_new_tokens(body))
-        return [chat.conversation_ids(fitted)]
+        fitted = fit_for_answer(messages, self.model.config.block_size, self.max_new_tokens(body))
+        return [conversation_ids(fitted)]
 
     def max_new_tokens(self, body: Sampling) -> int:
         asked = (isinstance(body, ChatRequest) and body.max_completion_tokens) or body.max_tokens
@@ -390,7 +233,7 @@ def _content(kind: str, text: str, final: bool) -> dict[str, Any]:
 def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", api_key: str | None = None,
                dtype: str = "auto", **limits: Any) -> FastAPI:
     """The FastAPI app serving RUN's checkpoint; its worker thread runs while the app does (lifespan).
-    `limits`: the fields of serve_requests.Limits (max_tokens=..., max_batch=...), each defaulting to its flag's."""
+    `limits`: the fields of schema.Limits (max_tokens=..., max_batch=...), each defaulting to its flag's."""
     chosen = Limits(**limits)
     chosen.check()
     if api_key == "":
@@ -400,7 +243,6 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
     model, _, _ = load_model(folder, placement, pick_dtype(dtype, placement))
     created = int((folder / "model.safetensors").stat().st_mtime)
     server = Server(model, Path(run).resolve().name, created, chosen, read_sampling(run))
-    page = resources.files("slm.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -411,13 +253,6 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
     app = FastAPI(title="slm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=chosen.max_body_bytes)
-
-    async def authorize(request: Request) -> None:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        given = key.encode() if scheme.lower() == "bearer" else b""
-        if api_key is not None and not secrets.compare_digest(given, api_key.encode()):
-            raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY' "
-                           f"with the key slm serve was given (--api-key or {API_KEY_ENV})", code="invalid_api_key")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -430,6 +265,21 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}").response()
+
+    add_routes(app, server, api_key)
+    return app
+
+
+def add_routes(app: FastAPI, server: Server, api_key: str | None) -> None:
+    """The chat page, /health, and the OpenAI endpoints, which need the key when the server has one."""
+    page = resources.files("slm.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    async def authorize(request: Request) -> None:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        given = key.encode() if scheme.lower() == "bearer" else b""
+        if api_key is not None and not secrets.compare_digest(given, api_key.encode()):
+            raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY' "
+                           f"with the key slm serve was given (--api-key or {API_KEY_ENV})", code="invalid_api_key")
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
@@ -453,8 +303,6 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatRequest, request: Request):
         return await server.respond(body, server.chat_prompts, "chat", request)
-
-    return app
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
