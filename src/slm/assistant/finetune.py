@@ -21,7 +21,8 @@ from typing import Any
 
 from slm.runs import checkpoint
 from slm.training import distributed
-from slm.training.loop import TrainState, estimate_loss, train
+from slm.training.loop import estimate_loss, train
+from slm.training.state import TrainState
 from slm.runs.files import write_text_atomic
 from slm.data.template import Message, read_conversations
 from slm.data.windows import SftBatches, check_data_matches, pack

@@ -13,6 +13,8 @@ import datetime
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from slm.device import World, pick_device
+from slm.errors import SlmError
 
 
 def setup(device_name: str, collective_timeout: float = 600.0) -> tuple[World, torch.device]:
@@ -129,9 +132,18 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def is_collective_timeout(err: BaseException) -> bool:
-    """Gloo and NCCL report a collective that waited past its timeout as a RuntimeError saying so."""
-    return initialized() and isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+@contextlib.contextmanager
+def timeout_is_an_error(run_dir: Path, timeout: float) -> Iterator[None]:
+    """A collective that timed out means another process stopped or hung: one line, and where to resume. Gloo
+    and NCCL report such a collective as a RuntimeError saying so."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (initialized() and "timed out" in str(err).lower()):
+            raise
+        raise SlmError(f"a collective waited more than --collective-timeout {timeout:g} s for another process, "
+                       f"which stopped or hung; the last good checkpoint is in {run_dir / 'last'} (resume with "
+                       f"--resume)") from None
 
 
 HANG_FOR_TESTS = "SLM_TEST_HANG_AT_STEP"

@@ -1,10 +1,9 @@
-"""The training loop: one loop, read top to bottom, with everything a step depends on in `TrainState`.
+"""The training loop, read top to bottom in `train`, with everything a step depends on in `TrainState` (state.py):
 
-    state = TrainState()                                   # step, tokens, best loss, RNG states
-    while not finished:
-        set the learning rate for this optimizer step
-        accumulate gradients over the micro-batches of this step's global batch
-        clip, step the optimizer, log; every eval_interval steps: validate, sample, save
+    loop = set_up(...)             # placement, data, model, wrapping, optimizer; a resume's saved state
+    while not loop.finished():
+        loop.step()                # the learning rate, gradients over the step's micro-batches, clip, update, log
+        every eval_interval steps: loop.evaluate()   # validate, sample, save
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,99 +25,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slm.runs import checkpoint
-from slm.training import distributed
-from slm.data.windows import PretrainBatches, check_data_matches, open_split, token_counts, validation_batches
-from slm.runs.files import rewind_metrics, write_text_atomic
 from slm.config import (Config, TrainConfig, add_config_flags, add_config_source, add_run_out, check_resume_changes,
                         flags_from_args, resolve)
-from slm.data.windows import Batch
+from slm.data.prepare import read_meta
+from slm.data.tokenizer import get_tokenizer
+from slm.data.windows import (Batch, PretrainBatches, check_data_matches, open_split, token_counts,
+                              validation_batches)
 from slm.device import World, autocast, compile_model, keep_freed_memory, pick_dtype, should_compile
 from slm.errors import SlmError
-from slm.training.launch import StopOnSignal, launch
+from slm.inference.generate import sample_text
 from slm.model.gpt import GPT, IGNORE_INDEX
+from slm.runs import checkpoint
+from slm.runs.files import rewind_metrics, write_text_atomic
+from slm.runs.listing import duration
+from slm.runs.metrics import Progress, RunLog
+from slm.training import distributed
+from slm.training.launch import StopOnSignal, launch
 from slm.training.optimizers import build_optimizers, set_learning_rate
-from slm.data.prepare import read_meta
-
-
-@dataclass
-class TrainState:
-    """Everything the next step depends on besides the model and optimizer; saved in RUN/last/."""
-
-    step: int = 0                      # optimizer steps taken
-    tokens_seen: int = 0               # training tokens consumed, over all processes
-    best_val_loss: float = math.inf
-    train_seconds: float = 0.0         # time spent training, summed over resumes
-    wall_seconds: float = 0.0          # the same plus evaluations and checkpoints: the run's wall time
-    warmup_end_seconds: float = 0.0    # train_seconds when warm-up ended (a time budget decays after it)
-    skipped_steps: int = 0             # steps whose non-finite loss or gradient was not applied
-    bad_steps_in_row: int = 0
-    rng: dict[str, Any] = field(default_factory=dict)
-    stopped_by: int = 0                # the signal that stopped this process, 0 if none (not saved)
-
-    def state_dict(self) -> dict[str, Any]:
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        self.rng = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        return {k: v for k, v in asdict(self).items() if k != "stopped_by"}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-        random.setstate(_as_tuple(self.rng["python"]))
-        name, keys, pos, has_gauss, gauss = self.rng["numpy"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(self.rng["torch"])
-        if self.rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self.rng["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
-    """The step budget: --max-steps, or fewer when --max-tokens runs out first."""
-    if cfg.max_tokens:
-        return min(cfg.max_steps, math.ceil(cfg.max_tokens / tokens_per_step))
-    return cfg.max_steps
-
-
-def expected_steps(state: TrainState, cfg: TrainConfig, steps: int) -> int:
-    """The step the run should end at: the step budget, or the step where a time budget runs out at the mean
-    pace so far (the progress bar's total, so its time left is right under --max-minutes too)."""
-    if not cfg.max_minutes or not state.step:
-        return steps
-    left = max(cfg.max_minutes * 60 - state.train_seconds, 0.0)
-    return min(steps, state.step + math.ceil(left / (state.train_seconds / state.step)))
-
-
-def learning_rate(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over the first warmup_steps, then cosine or linear decay to the floor as progress goes
-    0 -> 1."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(max(progress, 0.0), 1.0)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1.0 - progress
-    return cfg.min_learning_rate + coeff * (cfg.learning_rate - cfg.min_learning_rate)
-
-
-def decay_progress(state: TrainState, cfg: TrainConfig, steps: int) -> float:
-    """How far the decay after warm-up has gone: by steps, or by time when a time budget is set."""
-    by_steps = (state.step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
-    if not cfg.max_minutes:
-        return by_steps
-    budget = cfg.max_minutes * 60 - state.warmup_end_seconds
-    return max(by_steps, (state.train_seconds - state.warmup_end_seconds) / max(budget, 1e-9))
-
-
-def dropout_seeds(seed: int, step: int, world: World, micro_batches: int) -> list[int]:
-    """The dropout seed of each of this process's micro-batches: a function of (seed, step, the micro-batch's
-    place in the global batch). So every process draws masks of its own, and a run draws the same masks
-    whatever its number of processes and across a resume."""
-    first = world.rank * micro_batches  # the processes hold consecutive slices of the global batch
-    return [int(np.random.SeedSequence([seed, step, first + i]).generate_state(1)[0]) for i in range(micro_batches)]
+from slm.training.state import TrainState, decay_progress, dropout_seeds, expected_steps, learning_rate, total_steps
 
 
 def accumulate(model: torch.nn.Module, micro_batches: list[Batch], device: torch.device,
@@ -206,7 +130,7 @@ def build_trainer(model: GPT, t: TrainConfig, world: World, device: torch.device
 
 
 def build_model(cfg: Config, device: torch.device, init_model: GPT | None, resume_from: Path | None,
-                say: Callable[[str], None]) -> GPT:
+                world: World) -> GPT:
     """A new GPT (a compact head counts the training tokens), the fine-tune's `init_model`, or either with
     the weights of the checkpoint it resumes from."""
     torch.manual_seed(cfg.train.seed)
@@ -216,50 +140,152 @@ def build_model(cfg: Config, device: torch.device, init_model: GPT | None, resum
     if cfg.model.vocab_head and init_model is None and resume_from is None:
         counts = token_counts(open_split(cfg.train.data, "train"), cfg.model.vocab_size)
         model.lm_head.set_frequencies(torch.from_numpy(counts).to(device))
-        say(f"compact head: the {cfg.model.vocab_head:,} most frequent ids cover "
+        say(world, f"compact head: the {cfg.model.vocab_head:,} most frequent ids cover "
             f"{counts[model.lm_head.head_ids.cpu().numpy()].sum() / counts.sum():.2%} of the training tokens")
     if resume_from is not None:
         checkpoint.load_weights(model, resume_from)
     return model
 
 
-def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | None = None,
-          val_batches: list[Batch] | None = None, init_model: GPT | None = None,
-          resume_from: Path | None = None) -> TrainState:
-    """Train cfg's model into run_dir. `batches(step)` gives each step's micro-batches (default: random
-    windows of cfg.train.data); fine-tuning passes its own batches and a pretrained `init_model`;
-    `resume_from` is a checkpoint folder whose model, optimizer and trainer state the run continues from."""
-    from slm.inference.generate import sample_text
-    from slm.runs.metrics import Progress, RunLog
-    from slm.runs.listing import duration
-    from slm.data.tokenizer import get_tokenizer
+def say(world: World, message: str) -> None:
+    """A line on stderr above the progress bar, from the first process only."""
+    if world.is_main:
+        tqdm.write(message, file=sys.stderr)
 
-    # ---- setup: placement, data, model, wrapping, optimizer, resume ----
+
+@dataclass
+class Loop:
+    """A run in progress: what it trains, where it stands, what it reads, where it reports. train() repeats
+    its `step` and, every eval_interval steps, `evaluate`, which saves."""
+
+    cfg: Config
+    run_dir: Path
+    world: World
+    device: torch.device
+    dtype: torch.dtype
+    trainer: Trainer
+    state: TrainState
+    batches: Callable[[int], list[Batch]]
+    val_batches: list[Batch]
+    bytes_per_token: float | None  # of the validation text, for bits per byte; None without a prepared folder
+    steps: int  # the step budget
+    log: RunLog
+    progress: Progress
+    clock_start: float = 0.0  # time.perf_counter() when the run began, earlier processes' wall time included
+
+    def finished(self) -> bool:
+        t = self.cfg.train
+        return self.state.step >= self.steps or bool(t.max_minutes) and self.state.train_seconds >= t.max_minutes * 60
+
+    def step(self) -> None:
+        """One optimizer step at the scheduled learning rate, then its record and the progress bar."""
+        t, state, trainer = self.cfg.train, self.state, self.trainer
+        started = time.perf_counter()
+        lr = learning_rate(state.step, decay_progress(state, t, self.steps), t)
+        set_learning_rate(trainer.optimizers, lr, t)
+        accum = t.batch_size // (t.micro_batch_size * self.world.world_size)
+        tokens = t.batch_size * self.cfg.model.block_size  # per step, over all processes
+        loss = accumulate(trainer.trained, self.batches(state.step), self.device, self.dtype, trainer.scaler,
+                          self.world, dropout_seeds(t.seed, state.step, self.world, accum))
+        grad_norm = step_optimizer(trainer.model, trainer.optimizers, trainer.scaler, t.grad_clip)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        state.step += 1
+        state.tokens_seen += tokens
+        state.train_seconds += seconds
+        state.wall_seconds = time.perf_counter() - self.clock_start
+        if state.step == t.warmup_steps:
+            state.warmup_end_seconds = state.train_seconds
+        record = {"step": state.step, "loss": _finite_or_none(loss), "lr": lr,
+                  "grad_norm": _finite_or_none(grad_norm), "tokens_per_s": tokens / seconds,
+                  "tokens_seen": state.tokens_seen, "wall_seconds": state.wall_seconds}
+        if not math.isfinite(grad_norm):  # the update was not applied
+            record["skipped"] = True
+            state.skipped_steps += 1
+            # Under fp16 an overflowing gradient with a finite loss is the grad scaler's normal business.
+            if not (trainer.scaler.is_enabled() and math.isfinite(loss)):
+                state.bad_steps_in_row += 1
+        else:
+            state.bad_steps_in_row = 0
+        self.log.write(record)
+        self.progress.update(expected_steps(state, t, self.steps), loss=loss, lr=lr,
+                             tokens_per_s=tokens / seconds)
+        if state.bad_steps_in_row >= t.max_bad_steps:
+            raise SlmError(f"{state.bad_steps_in_row} steps in a row (up to step {state.step}) had a non-finite "
+                           f"loss or gradient and were skipped; stopping. The last good checkpoint is in "
+                           f"{self.run_dir / 'last'}: lower --learning-rate or check the data, then --resume")
+
+    def evaluate(self) -> None:
+        """The validation loss on the fixed batches, a sample, their record, then the checkpoints."""
+        t, state, trainer = self.cfg.train, self.state, self.trainer
+        val_loss = estimate_loss(trainer.evaluated, self.val_batches, self.device, self.dtype, self.world,
+                                 every_batch=trainer.sharded)
+        record: dict[str, Any] = {"step": state.step, "val_loss": val_loss, "tokens_seen": state.tokens_seen}
+        if self.bytes_per_token:
+            record["val_bpb"] = val_loss / math.log(2) / self.bytes_per_token
+        improved = val_loss < state.best_val_loss
+        state.best_val_loss = min(state.best_val_loss, val_loss)
+        say(self.world, f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
+        sample = ""
+        # Under FSDP every forward is a collective: all processes sample (the same seed, the same text).
+        if t.sample_tokens and (self.world.is_main or trainer.sharded):
+            trainer.model.eval()
+            sample = sample_text(trainer.model, get_tokenizer(), "", t.sample_tokens, seed=t.seed).strip()
+            say(self.world, "  " + sample.replace("\n", " "))
+            trainer.model.train()
+        self.log.evaluation(record, sample)  # before the checkpoint: a resume from it must not lose this record
+        self.save(improved)
+
+    def save(self, improved: bool) -> None:
+        """RUN/last (and RUN/best when the validation loss improved), with what resuming needs."""
+        model, trainer, state = self.trainer.model, self.trainer, self.state
+        weights, optimizer_state = distributed.full_states(model, trainer.optimizers)  # every process takes part
+        if self.world.is_main:
+            identity = get_tokenizer().identity()
+            trainer_state = {"state": state.state_dict(), "optimizer": optimizer_state,
+                             "scaler": trainer.scaler.state_dict()}
+            if improved:
+                checkpoint.save(self.run_dir, "best", model, self.cfg, identity, step=state.step, weights=weights)
+            checkpoint.save(self.run_dir, "last", model, self.cfg, identity, trainer_state, state.step,
+                            self.cfg.train.keep_checkpoints, weights)
+        distributed.barrier(self.world)
+
+    def finish(self, stopped_by: int | None) -> TrainState:
+        """The run's last line: how to resume it when a signal stopped it, else what it reached."""
+        state, run_dir = self.state, self.run_dir
+        if stopped_by is not None:
+            command = " ".join(shlex.quote(arg) for arg in ["slm", *sys.argv[1:]] if arg != "--force")
+            say(self.world, f"slm: stopped by {signal.Signals(stopped_by).name} at step {state.step}; the checkpoint "
+                f"is in {run_dir / 'last'}. Resume with: {command}" + ("" if "--resume" in sys.argv else " --resume"))
+            state.stopped_by = stopped_by
+            return state
+        bpb = (f" ({state.best_val_loss / math.log(2) / self.bytes_per_token:.4f} bits per byte)"
+               if self.bytes_per_token else "")
+        say(self.world, f"done: {state.step:,} steps, {state.tokens_seen:,} tokens in {duration(state.wall_seconds)}; "
+            f"best val loss {state.best_val_loss:.4f}{bpb}; checkpoints in {run_dir}/best and {run_dir}/last, curves "
+            f"and model card in {run_dir}/curves.png and README.md")
+        return state
+
+
+def set_up(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | None, val_batches: list[Batch] | None,
+           init_model: GPT | None, resume_from: Path | None) -> Loop:
+    """Placement, data, model, wrapping, optimizer and, on a resume, the saved state; the batch arithmetic,
+    printed once."""
     t = cfg.train
     world, device = distributed.setup(t.device, t.collective_timeout)
     if t.batch_size % (t.micro_batch_size * world.world_size):
         raise SlmError(f"--batch-size ({t.batch_size}) must be a multiple of --micro-batch-size "
                        f"({t.micro_batch_size}) x {world.world_size} processes")
-    accum = t.batch_size // (t.micro_batch_size * world.world_size)
     dtype = pick_dtype(t.dtype, device)
-    tokenizer = get_tokenizer()
     meta = read_meta(t.data) if t.data else None
     if meta is not None:
-        check_data_matches(meta, cfg, tokenizer.identity())
+        check_data_matches(meta, cfg, get_tokenizer().identity())
     batches = batches or PretrainBatches(t.data, cfg, device, world)
     val_batches = val_batches if val_batches is not None else validation_batches(t.data, cfg, device)
-    bytes_per_token = (meta["splits"]["validation"]["bytes"] / max(meta["splits"]["validation"]["tokens"], 1)
-                       if meta else None)
-
-    def bits_per_byte(loss: float) -> float:
-        return loss / math.log(2) / bytes_per_token
-
-    def say(message: str) -> None:  # once, from the first process
-        if world.is_main:
-            tqdm.write(message, file=sys.stderr)
-
+    validation = meta["splits"]["validation"] if meta else None
     keep_freed_memory()
-    model = build_model(cfg, device, init_model, resume_from, say)
+    model = build_model(cfg, device, init_model, resume_from, world)
     trainer = build_trainer(model, t, world, device, dtype)
     state = TrainState()
     if resume_from is not None:
@@ -269,123 +295,47 @@ def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | No
         state.load_state_dict(saved["state"])  # last: it restores the RNG states too
         if world.is_main:
             rewind_metrics(run_dir / "metrics.jsonl", state.step)
-        say(f"resuming from {resume_from} at step {state.step}")
-
+        say(world, f"resuming from {resume_from} at step {state.step}")
     tokens_per_step = t.batch_size * cfg.model.block_size
     steps = total_steps(t, tokens_per_step)
-    say(f"GPT: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
+    say(world, f"GPT: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers x "
         f"{cfg.model.n_embd} wide, context {cfg.model.block_size} | device {device}, {str(dtype).split('.')[-1]}"
         + (f" | {world.world_size} processes" if world.distributed else ""))
-    say(f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
-        f"step = {world.world_size} process(es) x {accum} micro-batches of {t.micro_batch_size} | up to "
-        f"{steps:,} steps" + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
-    log = RunLog(run_dir, cfg, model.num_parameters(), state.step, enabled=world.is_main)
-    progress = Progress(expected_steps(state, t, steps), state.step, enabled=world.is_main)
+    say(world, f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
+        f"step = {world.world_size} process(es) x {t.batch_size // (t.micro_batch_size * world.world_size)} "
+        f"micro-batches of {t.micro_batch_size} | up to {steps:,} steps"
+        + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
+    return Loop(cfg, run_dir, world, device, dtype, trainer, state, batches, val_batches,
+                validation["bytes"] / max(validation["tokens"], 1) if meta else None, steps,
+                RunLog(run_dir, cfg, model.num_parameters(), state.step, enabled=world.is_main),
+                Progress(expected_steps(state, t, steps), state.step, enabled=world.is_main))
 
-    # ---- what an evaluation does ----
-    def save(improved: bool) -> None:
-        weights, optimizer_state = distributed.full_states(model, trainer.optimizers)  # every process takes part
-        if world.is_main:
-            trainer_state = {"state": state.state_dict(), "optimizer": optimizer_state,
-                             "scaler": trainer.scaler.state_dict()}
-            if improved:
-                checkpoint.save(run_dir, "best", model, cfg, tokenizer.identity(), step=state.step, weights=weights)
-            checkpoint.save(run_dir, "last", model, cfg, tokenizer.identity(), trainer_state, state.step,
-                            t.keep_checkpoints, weights)
-        distributed.barrier(world)
 
-    def evaluate_and_save() -> None:
-        val_loss = estimate_loss(trainer.evaluated, val_batches, device, dtype, world, every_batch=trainer.sharded)
-        record: dict[str, Any] = {"step": state.step, "val_loss": val_loss, "tokens_seen": state.tokens_seen}
-        if bytes_per_token:
-            record["val_bpb"] = bits_per_byte(val_loss)
-        improved = val_loss < state.best_val_loss
-        state.best_val_loss = min(state.best_val_loss, val_loss)
-        say(f"step {state.step}: val loss {val_loss:.4f}" + (" (best)" if improved else ""))
-        sample = ""
-        # Under FSDP every forward is a collective: all processes sample (the same seed, the same text).
-        if t.sample_tokens and (world.is_main or trainer.sharded):
-            model.eval()
-            sample = sample_text(model, tokenizer, "", t.sample_tokens, seed=t.seed).strip()
-            say("  " + sample.replace("\n", " "))
-            model.train()
-        log.evaluation(record, sample)  # before the checkpoint: a resume from it must not lose this record
-        save(improved)
-
-    def finished() -> bool:
-        return state.step >= steps or bool(t.max_minutes) and state.train_seconds >= t.max_minutes * 60
-
-    # ---- the loop ----
-    clock_start = time.perf_counter() - state.wall_seconds
-    with StopOnSignal() as stop, progress, closing(log), collective_timeout_is_an_error(run_dir, t):
-        while not finished() and stop.received is None:
-            started = time.perf_counter()
-            lr = learning_rate(state.step, decay_progress(state, t, steps), t)
-            set_learning_rate(trainer.optimizers, lr, t)
-            loss = accumulate(trainer.trained, batches(state.step), device, dtype, trainer.scaler, world,
-                              dropout_seeds(t.seed, state.step, world, accum))
-            grad_norm = step_optimizer(model, trainer.optimizers, trainer.scaler, t.grad_clip)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            state.train_seconds += seconds
-            state.wall_seconds = time.perf_counter() - clock_start
-            if state.step == t.warmup_steps:
-                state.warmup_end_seconds = state.train_seconds
-            record = {"step": state.step, "loss": _finite_or_none(loss), "lr": lr,
-                      "grad_norm": _finite_or_none(grad_norm), "tokens_per_s": tokens_per_step / seconds,
-                      "tokens_seen": state.tokens_seen, "wall_seconds": state.wall_seconds}
-            if not math.isfinite(grad_norm):  # the update was not applied
-                record["skipped"] = True
-                state.skipped_steps += 1
-                # Under fp16 an overflowing gradient with a finite loss is the grad scaler's normal business.
-                if not (trainer.scaler.is_enabled() and math.isfinite(loss)):
-                    state.bad_steps_in_row += 1
-            else:
-                state.bad_steps_in_row = 0
-            log.write(record)
-            progress.update(expected_steps(state, t, steps), loss=loss, lr=lr, tokens_per_s=tokens_per_step / seconds)
-            if state.bad_steps_in_row >= t.max_bad_steps:
-                raise SlmError(f"{state.bad_steps_in_row} steps in a row (up to step {state.step}) had a non-finite "
-                               f"loss or gradient and were skipped; stopping. The last good checkpoint is in "
-                               f"{run_dir / 'last'}: lower --learning-rate or check the data, then --resume")
+def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | None = None,
+          val_batches: list[Batch] | None = None, init_model: GPT | None = None,
+          resume_from: Path | None = None) -> TrainState:
+    """Train cfg's model into run_dir. `batches(step)` gives each step's micro-batches (default: windows of
+    cfg.train.data); fine-tuning passes its own batches and a pretrained `init_model`; `resume_from` is a
+    checkpoint folder whose model, optimizer and trainer state the run continues from."""
+    loop = set_up(cfg, run_dir, batches, val_batches, init_model, resume_from)
+    t, state, world = cfg.train, loop.state, loop.world
+    loop.clock_start = time.perf_counter() - state.wall_seconds
+    with (StopOnSignal() as stop, loop.progress, closing(loop.log),
+          distributed.timeout_is_an_error(run_dir, t.collective_timeout)):
+        while not loop.finished() and stop.received is None:
+            loop.step()
             distributed.hang_if_testing(world, state.step)
-            if world.distributed and distributed.total([float(stop.received or 0)], world, device)[0]:
+            if world.distributed and distributed.total([float(stop.received or 0)], world, loop.device)[0]:
                 stop.received = stop.received or signal.SIGTERM  # every process stops at the same step
-            if state.step % t.eval_interval == 0 or finished():
-                evaluate_and_save()
+            if state.step % t.eval_interval == 0 or loop.finished():
+                loop.evaluate()
             elif stop.received is not None:
-                save(improved=False)
-        state.wall_seconds = time.perf_counter() - clock_start
+                loop.save(improved=False)
+        state.wall_seconds = time.perf_counter() - loop.clock_start
         if stop.received is None:
-            log.write({"event": "finished", "step": state.step, "tokens_seen": state.tokens_seen,
-                       "wall_seconds": state.wall_seconds})
-    if stop.received is not None:
-        command = " ".join(shlex.quote(arg) for arg in ["slm", *sys.argv[1:]] if arg != "--force")
-        say(f"slm: stopped by {signal.Signals(stop.received).name} at step {state.step}; the checkpoint is in "
-            f"{run_dir / 'last'}. Resume with: {command}" + ("" if "--resume" in sys.argv else " --resume"))
-        state.stopped_by = stop.received
-        return state
-    bpb = f" ({bits_per_byte(state.best_val_loss):.4f} bits per byte)" if bytes_per_token else ""
-    say(f"done: {state.step:,} steps, {state.tokens_seen:,} tokens in {duration(state.wall_seconds)}; best val loss "
-        f"{state.best_val_loss:.4f}{bpb}; checkpoints in {run_dir}/best and {run_dir}/last, curves and model card "
-        f"in {run_dir}/curves.png and README.md")
-    return state
-
-
-@contextmanager
-def collective_timeout_is_an_error(run_dir: Path, t: TrainConfig) -> Iterator[None]:
-    """A collective that timed out means another process stopped or hung: one line, and where to resume."""
-    try:
-        yield
-    except RuntimeError as err:
-        if not distributed.is_collective_timeout(err):
-            raise
-        raise SlmError(f"a collective waited more than --collective-timeout {t.collective_timeout:g} s for another "
-                       f"process, which stopped or hung; the last good checkpoint is in {run_dir / 'last'} "
-                       f"(resume with --resume)") from None
+            loop.log.write({"event": "finished", "step": state.step, "tokens_seen": state.tokens_seen,
+                            "wall_seconds": state.wall_seconds})
+    return loop.finish(stop.received)
 
 
 def _finite_or_none(value: float) -> float | None:
