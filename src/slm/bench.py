@@ -36,7 +36,7 @@ from slm.runs import checkpoint
 from slm.config import OPTIMIZERS, Config, ModelConfig, add_config_flags, flags_from_args, preset_names, resolve
 from slm.device import compile_model, cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
 from slm.errors import SlmError
-from slm.interop.huggingface import export_gguf
+from slm.interop.gguf_file import export_gguf
 from slm.inference.generate import decode
 from slm.inference.sampling import DEFAULT_TEMPERATURE, SamplingSettings, make_generator
 from slm.model.gpt import GPT

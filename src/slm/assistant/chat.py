@@ -22,10 +22,11 @@ from slm.data.tokenizer import get_tokenizer
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.inference.engine import stream
-from slm.inference.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, make_generator
+from slm.inference.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, add_sampling_flags,
+                                    make_generator)
 from slm.model.gpt import GPT
 from slm.runs.checkpoint import checkpoint_dir, load_model
-from slm.runs.files import read_sampling
+from slm.runs.files import SAMPLING_KEYS, read_sampling
 
 
 class ChatSession:
@@ -132,22 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system message that starts every conversation")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="the most new tokens per answer (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; higher = more random "
-                   f"(default: the run's sampling.json, else {DEFAULT_TEMPERATURE})")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
-    p.add_argument("--top-p", type=float, default=None, help="sample only among the most likely ids whose "
-                   "probability reaches p (default: the run's sampling.json, else 1, all)")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="above 1, ids already in the prompt "
-                   "or the output get less likely (default: the run's sampling.json, else 1, none)")
-    p.add_argument("--word-bias", type=float, default=None, help="added to the logits of the words a request "
-                   "names until the answer uses each (default: the run's sampling.json, else 0)")
-    p.add_argument("--word-reach", type=float, default=None, help="push a requested word only where its logit "
-                   "is within this much of the best (default: the run's sampling.json, else 0, everywhere)")
-    p.add_argument("--dry-multiplier", type=float, default=None, help="DRY: ids that would go on repeating the "
-                   "answer's own text lose this much of their logit, growing with the repeat's length (default: the "
-                   "run's sampling.json, else 0, none)")
-    p.add_argument("--best-of", type=int, default=None, help="answers decoded per message, of which the one that "
-                   "best follows it is shown, once chosen (default: the run's sampling.json, else 1)")
+    add_sampling_flags(p, {"top_k": None})
+    add_sampling_flags(p, {"temperature": DEFAULT_TEMPERATURE, "top_p": 1, "repetition_penalty": 1, "word_bias": 0,
+                           "word_reach": 0, "dry_multiplier": 0, "best_of": 1}, from_run=True)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling; the same seed gives the same answers")
 
 
@@ -156,8 +144,7 @@ def main(args) -> int:
     folder = checkpoint_dir(args.run, args.checkpoint)
     model, cfg, _ = load_model(folder, device, pick_dtype(args.dtype, device))
     # The run's own sampling (RUN/sampling.json) where no flag is given, else the defaults of every command.
-    given = {key: getattr(args, key) for key in ("temperature", "top_p", "repetition_penalty", "word_bias",
-                                                 "word_reach", "dry_multiplier", "best_of") if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in SAMPLING_KEYS if getattr(args, key) is not None}
     settings = SamplingSettings(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                                 **{"temperature": DEFAULT_TEMPERATURE, **read_sampling(args.run), **given})
     settings.check(cfg.model.vocab_size)

@@ -45,14 +45,14 @@ from typing import Any
 import torch
 
 from slm.assistant import following
-from slm.data.template import Message, check_messages, conversation_ids, fit_for_answer
+from slm.data.template import Message, check_messages, jsonl_rows, conversation_ids, fit_for_answer
 from slm.runs.checkpoint import checkpoint_dir, load_model
 from slm.config import add_checkpoint_choice, add_placement
 from slm.assistant.constraints import check, distinct_4grams, flaws, is_story, word_count
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.runs.files import write_text_atomic
-from slm.inference.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingSettings, make_generator
+from slm.inference.sampling import DEFAULT_MAX_NEW_TOKENS, FLAGS, SamplingSettings, add_sampling_flags, make_generator
 from slm.data.tokenizer import get_tokenizer
 
 CONSTRAINTS = ("words", "name", "starts", "ends", "dialogue", "length")
@@ -66,20 +66,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """(row, conversation to answer) for each row; a final assistant message is the reference answer and
     is left out of the conversation."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise SlmError(f"--prompts file {path} does not exist; write one with `slm make-instructions "
-                       f"SOURCE --out chat.jsonl --prompts-out {path}`") from None
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SlmError(f"{where} is not JSON ({err.msg})") from None
+    for where, row in jsonl_rows(path, f"--prompts file {path} does not exist; write one with `slm make-instructions "
+                                 f"SOURCE --out chat.jsonl --prompts-out {path}`"):
         constraints = row.get("constraints") if isinstance(row, dict) else None
         if not isinstance(constraints, dict) or not constraints or not set(constraints) <= set(CONSTRAINTS):
             raise SlmError(f"{where}: \"constraints\" must be an object with some of {', '.join(CONSTRAINTS)}")
@@ -199,20 +188,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the most new tokens per answer (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random (default: 0, "
                    "unlike generate and chat, so that the scores belong to the checkpoint, not to luck)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely ids")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="sample only among the most likely ids whose probability reaches p (default: 1, all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="above 1, ids already in the prompt or the output get less likely (default: 1, none)")
-    p.add_argument("--word-bias", type=float, default=0.0,
-                   help="added to the logits of the words a request names until the answer uses each (default: 0)")
-    p.add_argument("--word-reach", type=float, default=0.0, help="push a requested word only where its logit is "
-                   "within this much of the best (default: 0, everywhere)")
-    p.add_argument("--dry-multiplier", type=float, default=0.0,
-                   help="DRY: ids that would go on repeating the answer's own text lose this much of their logit, "
-                   "growing with the repeat's length (default: 0, none)")
-    p.add_argument("--best-of", type=int, default=1,
-                   help="answers decoded per request, of which the one that best follows it is kept (default: 1)")
+    add_sampling_flags(p, {"top_k": None, "top_p": 1, "repetition_penalty": 1, "word_bias": 0, "word_reach": 0,
+                           "dry_multiplier": 0, "best_of": 1})
     p.add_argument("--fluency-run", default=None, metavar="RUN", help="the model whose surprise scores fluency "
                    "(default: the first run's pretrain/ folder where it has one, else the first run)")
     p.add_argument("--answers-out", default=None, metavar="FILE",
@@ -232,9 +209,7 @@ def main(args) -> int:
     folders = [checkpoint_dir(run, args.checkpoint) for run in args.runs]  # a wrong run fails before any work
     prompts = read_prompts(args.prompts)[:args.limit]
     device = pick_device(args.device)
-    settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                                max_new_tokens=args.max_new_tokens, word_bias=args.word_bias,
-                                word_reach=args.word_reach, dry_multiplier=args.dry_multiplier, best_of=args.best_of)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, **{key: getattr(args, key) for key in FLAGS})
     dtype = pick_dtype(args.dtype, device)
     fluency_run = args.fluency_run or next((str(p) for p in [Path(args.runs[0]) / "pretrain"] if p.is_dir()),
                                            args.runs[0])

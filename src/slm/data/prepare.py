@@ -14,7 +14,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from slm.runs.files import atomic_path
+from slm.runs.files import atomic_path, remove_stale
 from slm.errors import SlmError
 from slm.data.stories import demo_documents
 from slm.data.tokenizer import EOT_TOKEN, get_tokenizer
@@ -335,21 +334,6 @@ def read_meta(folder: str | Path) -> dict:
 
 # ---- the command ------------------------------------------------------------------------------------
 
-def _remove_stale(out: Path) -> None:
-    """Remove temporary folders of prepare runs that died (killed, power cut) before their final rename."""
-    if os.name != "posix":  # there os.kill(pid, 0) would terminate the process: leave the folders
-        return
-    for path in out.parent.iterdir():
-        match = re.fullmatch(r"\." + re.escape(out.name) + r"\.tmp-(\d+)", path.name)  # atomic_path's naming
-        try:
-            if match:
-                os.kill(int(match.group(1)), 0)  # signal 0 only asks whether the process exists
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
 def prepare(source: str, out: str | Path, text_field: str = "text", val_fraction: float = 0.005, seed: int = 1337,
             workers: int = 0, force: bool = False) -> dict:
     """Tokenize `source` into the folder `out`, which appears whole or not at all; returns its meta."""
@@ -367,7 +351,7 @@ def prepare(source: str, out: str | Path, text_field: str = "text", val_fraction
     source, splits = open_source(source, text_field)
     workers = workers or _cores()
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    remove_stale(out)
     get_tokenizer()  # ~1 s to build: before the clock, and before forking so that workers inherit it
     start = time.perf_counter()
     with atomic_path(out) as tmp:  # --force: the old folder goes only once the new one is complete

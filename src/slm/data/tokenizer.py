@@ -47,9 +47,6 @@ class Tokenizer:
         """Plain text to ids; a literal "<|endoftext|>" in the text is text, not the special id."""
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
-
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids, errors="replace")
 

@@ -1,4 +1,3 @@
-"""Using a trained model: the KV cache, sampling filters and logit biases, the continuous-batching engine that
-every command decodes on, `slm generate` and `slm eval` (perplexity). It reads checkpoints through slm.runs; it
-must not import training, the assistant, serving (it speaks no HTTP) or export.
-"""
+"""Using a model: the KV cache, sampling and logit biases, the continuous-batching engine every command decodes on,
+`slm generate` and `slm eval`. It loads runs through slm.runs; it must not import training, the assistant, serve
+(it speaks no HTTP) or interop."""

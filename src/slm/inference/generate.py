@@ -25,8 +25,8 @@ from slm.config import add_checkpoint_choice, add_placement
 from slm.errors import SlmError
 from slm.model.gpt import GPT
 from slm.inference.logit_bias import LogitBias, Words
-from slm.inference.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, make_generator,
-                                    make_picker)
+from slm.inference.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, add_sampling_flags,
+                                    make_generator, make_picker)
 from slm.data.tokenizer import Tokenizer
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
@@ -117,13 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="the most new tokens per sample (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help="0 = greedy; higher = more random (default: %(default)s)")
-    p.add_argument("--top-k", type=int, help="sample only among the k most likely ids")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="sample only among the most likely ids whose probability reaches p (default: 1, all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="above 1, ids already in the prompt or the output get less likely (default: 1, none)")
+    add_sampling_flags(p, {"temperature": DEFAULT_TEMPERATURE, "top_k": None, "top_p": 1, "repetition_penalty": 1})
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the sample where this text appears, leaving it out; may be repeated")
     p.add_argument("--seed", type=int, help="seed for sampling; the same seed gives the same text")

@@ -6,6 +6,7 @@ state into next ids. A compact head samples its class, then the id (CompactSampl
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,13 +16,37 @@ from slm.errors import SlmError
 from slm.inference.logit_bias import LogitBias
 from slm.model.gpt import GPT, CompactHead
 
-
 MAX_NEW_TOKENS = 100_000
 MAX_BEST_OF = 16
 # The sampling defaults of every command (generate, chat, eval-assistant's --max-new-tokens, training's
 # samples). SamplingSettings' own temperature stays 1, the model's plain distribution, for library callers.
 DEFAULT_TEMPERATURE = 0.8  # a little sharper than the model's own distribution: fewer stray words
 DEFAULT_MAX_NEW_TOKENS = 256  # room for a whole story: the demo corpus's are 110 to 250 tokens
+# The sampling flags of generate, chat and eval-assistant, declared once: SamplingSettings' field -> (type, help),
+# and the value at which a filter does nothing, in words.
+FLAGS = {"temperature": (float, "0 = greedy; higher = more random"),
+         "top_k": (int, "sample only among the k most likely ids"),
+         "top_p": (float, "sample only among the most likely ids whose probability reaches p"),
+         "repetition_penalty": (float, "above 1, ids already in the prompt or the output get less likely"),
+         "word_bias": (float, "added to the logits of the words a request names until the answer uses each"),
+         "word_reach": (float, "push a requested word only where its logit is within this much of the best"),
+         "dry_multiplier": (float, "DRY: ids that would go on repeating the answer's own text lose this much of "
+                            "their logit, growing with the repeat's length"),
+         "best_of": (int, "answers decoded per request, of which the one that best follows it is kept")}
+OFF = {"top_p": (1, "all"), "repetition_penalty": (1, "none"), "word_reach": (0, "everywhere"),
+       "dry_multiplier": (0, "none")}
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, defaults: dict[str, float | None], from_run: bool = False) -> None:
+    """--FIELD for each field of `defaults`, defaulting to its value; with `from_run`, a flag left out is None,
+    and the run's sampling.json decides before that value."""
+    for name, default in defaults.items():
+        kind, what = FLAGS[name]
+        off, means = OFF.get(name, (None, ""))
+        said = "" if default is None else f"{default:g}" + (f", {means}" if default == off else "")
+        where = "the run's sampling.json, else " if from_run else ""
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None if from_run else default,
+                       help=what + (f" (default: {where}{said})" if said else ""))
 
 
 @dataclass(frozen=True)

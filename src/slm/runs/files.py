@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,9 +36,9 @@ def _remove(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`, `.NAME.tmp-PID` (prepare removes those of dead processes), to build a
-    file or folder under; renamed over `path` when the block ends without an error, removed when it raises. A
-    folder cannot be renamed over another, so an existing one first moves aside to `.NAME.old-PID` and is deleted
+    """Yield a temporary sibling of `path`, `.NAME.tmp-PID` (remove_stale removes those of dead processes), to
+    build a file or folder under; renamed over `path` when the block ends without an error, removed when it raises.
+    A folder cannot be renamed over another, so an existing one first moves aside to `.NAME.old-PID` and is deleted
     last: a crash at any moment leaves the old one or the new one whole, never a mix. Flushing is the caller's."""
     tmp, old = (path.with_name(f".{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         _remove(tmp)
         _remove(old)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists, whoever runs it."""
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def remove_stale(path: Path) -> None:
+    """Remove what atomic_path left beside `path` in processes that died (killed, power cut) before renaming."""
+    if os.name != "posix":  # there os.kill(pid, 0) would terminate the process: leave them
+        return
+    for sibling in path.parent.iterdir():
+        match = re.fullmatch(r"\." + re.escape(path.name) + r"\.tmp-(\d+)", sibling.name)
+        if match and not alive(int(match.group(1))):
+            _remove(sibling)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

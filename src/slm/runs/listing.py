@@ -15,26 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slm.runs.files import manifest_field, read_metrics
+from slm.runs.files import alive, manifest_field, read_metrics
 from slm.config import Config, preset_names, read_toml, resolve
 from slm.errors import SlmError
 
 PID_FILE = "train.pid"  # runlog.RunLog keeps it while training
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
 def status(run_dir: Path, records: list[dict[str, Any]]) -> str:
     try:
-        if _alive(int((run_dir / PID_FILE).read_text(encoding="utf-8"))):
+        if alive(int((run_dir / PID_FILE).read_text(encoding="utf-8"))):
             return "running"
     except (OSError, ValueError):
         pass  # no pid file (or one cut short): nothing trains here now
