@@ -80,9 +80,9 @@ def prompts(valid: Path, seed: int, wordings: str) -> list[dict]:
 def score_answers(prompts_file: Path, answers_file: Path, fluency_run: str) -> dict:
     """Scores of answers made elsewhere, one {"index", "answer", "ended"} row per prompt, as eval-assistant's."""
     from slm.assistant import following
-    from slm.runs.checkpoint import checkpoint_dir, load_model
     from slm.assistant.evaluate import add_fluency, answer_scores, read_prompts, reference, summarize
     from slm.data.tokenizer import get_tokenizer
+    from slm.runs.checkpoint import checkpoint_dir, load_model
 
     rows = read_prompts(prompts_file)
     answers = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -17,9 +17,9 @@ import time
 import openai
 
 from slm.assistant.evaluate import read_prompts
+from slm.data.tokenizer import get_tokenizer
 from slm.serve.app import create_app
 from slm.serve.in_thread import serve_in_thread
-from slm.data.tokenizer import get_tokenizer
 
 
 def main() -> None:

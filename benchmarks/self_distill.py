@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from slm.assistant import following
-from slm.runs.checkpoint import checkpoint_dir, load_model
 from slm.assistant.constraints import check, flaws
 from slm.assistant.evaluate import answer_prompts
-from slm.inference.sampling import SamplingSettings, make_generator
 from slm.data.tokenizer import get_tokenizer
+from slm.inference.sampling import SamplingSettings, make_generator
+from slm.runs.checkpoint import checkpoint_dir, load_model
 
 
 def main() -> int:

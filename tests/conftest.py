@@ -3,9 +3,9 @@
 
 import dataclasses
 import hashlib
-import random
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys

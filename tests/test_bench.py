@@ -5,8 +5,8 @@ import json
 import re
 
 import pytest
-from conftest import skip_unless_ci
 
+from conftest import skip_unless_ci
 from slm.cli import main
 
 # nanoGPT's shape shrunk by config flags, which override it as they override a preset: the test checks

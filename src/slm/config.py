@@ -59,7 +59,7 @@ class ModelConfig:
                   n_head=self.n_head, n_embd=self.n_embd)
         if self.n_embd % self.n_head:
             raise SlmError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}); "
-                           f"try --n-head {_largest_divisor_at_most(self.n_embd, self.n_head)}")
+                           f"try --n-head {max(d for d in range(1, self.n_head + 1) if self.n_embd % d == 0)}")
         if not 0 <= self.vocab_head < self.vocab_size:
             raise SlmError(f"--vocab-head must be 0 (full head) or between 1 and {self.vocab_size - 1} "
                            f"(got {self.vocab_head})")
@@ -69,10 +69,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, limit + 1) if n % d == 0)
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,9 @@ def pretrain(pipeline: str, data_dir: Path, run_dir: Path, max_minutes: float | 
 
 
 def stories(run_dir: Path) -> None:
-    from slm.runs.checkpoint import checkpoint_dir, load_model
-    from slm.inference.generate import sample_text
     from slm.data.tokenizer import get_tokenizer
+    from slm.inference.generate import sample_text
+    from slm.runs.checkpoint import checkpoint_dir, load_model
 
     model, cfg, _ = load_model(checkpoint_dir(run_dir, "best"))
     for i, prompt in enumerate(PROMPTS):
@@ -68,14 +68,14 @@ def assistant(source: str, out: Path, max_minutes: float, preset: str, force: bo
     prompts.jsonl, then the assistant itself in `out`, with the sampling it is served with."""
     import shutil
 
-    from slm.data.prepare import prepare
-    from slm.runs.checkpoint import checkpoint_dir, load_model
-    from slm.device import pick_device
-    from slm.errors import SlmError
     from slm.assistant.evaluate import read_prompts, score_gold, score_run, table
     from slm.assistant.finetune import finetune
-    from slm.inference.sampling import SamplingSettings
     from slm.assistant.instructions import make_instructions
+    from slm.data.prepare import prepare
+    from slm.device import pick_device
+    from slm.errors import SlmError
+    from slm.inference.sampling import SamplingSettings
+    from slm.runs.checkpoint import checkpoint_dir, load_model
     from slm.runs.files import SAMPLING_FILE, write_text_atomic
     from slm.training.loop import start
 

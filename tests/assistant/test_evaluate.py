@@ -3,10 +3,10 @@ import shutil
 
 import pytest
 
-from slm.cli import main
-from slm.errors import SlmError
 from slm.assistant.evaluate import SCORES, answer_scores, read_prompts, summarize
 from slm.assistant.instructions import make_instructions
+from slm.cli import main
+from slm.errors import SlmError
 
 STORY = ('Lily had a red ball. She took the ball to the park. "Look!" she said to her mom. A big tree stood there. '
          'Lily was happy and played all day.')

@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_conversations
-from slm.runs.files import read_metrics
-from slm.data.template import read_conversations, render
-from slm.runs.checkpoint import checkpoint_dir, load_model, read_header
+from slm.assistant.finetune import finetune, finetune_config
 from slm.cli import main, parse_args
 from slm.config import flags_from_args, resolve
+from slm.data.template import read_conversations, render
 from slm.errors import SlmError
-from slm.assistant.finetune import finetune, finetune_config
+from slm.runs.checkpoint import checkpoint_dir, load_model, read_header
+from slm.runs.files import read_metrics
 
 FAST = {"max_steps": 16, "eval_interval": 8, "eval_batches": 2, "learning_rate": 3e-3, "warmup_steps": 2,
         "device": "cpu", "sample_tokens": 0}

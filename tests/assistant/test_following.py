@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from slm.assistant import following
-from slm.inference.engine import Engine
-from slm.model.gpt import GPT
 from slm.config import ModelConfig
-from slm.inference.sampling import SamplingSettings
 from slm.data.tokenizer import get_tokenizer
+from slm.inference.engine import Engine
+from slm.inference.sampling import SamplingSettings
+from slm.model.gpt import GPT
 
 
 @pytest.fixture(scope="module")

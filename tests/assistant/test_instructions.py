@@ -3,13 +3,13 @@ from itertools import islice
 
 import pytest
 
-from slm.data.template import read_conversations
-from slm.cli import main
 from slm.assistant.constraints import check
-from slm.data.requests import HELD_OUT, PHRASINGS, main_character, uses_word
-from slm.errors import SlmError
 from slm.assistant.instructions import make_instructions
+from slm.cli import main
+from slm.data.requests import HELD_OUT, PHRASINGS, main_character, uses_word
 from slm.data.stories import demo_documents
+from slm.data.template import read_conversations
+from slm.errors import SlmError
 
 
 def rows(path):

@@ -13,13 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slm.data import prepare
-from slm.runs import files
 from slm.cli import main as cli_main
 from slm.cli import parse_args
-from slm.errors import SlmError
+from slm.data import prepare
 from slm.data.stories import demo_documents
 from slm.data.tokenizer import EOT_ID, get_tokenizer
+from slm.errors import SlmError
+from slm.runs import files
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from slm.errors import SlmError
 from slm.data.stories import CLOSING, OPENING, PLOT_DETAILS, PLOTS, _cast, demo_documents, generate_stories
+from slm.errors import SlmError
 
 # Letters that start a word read with a vowel sound; the corpus has no "hour", "unicorn" or "one-" words.
 VOWELS = "aeiou"

@@ -5,11 +5,12 @@ import torch
 from conftest import CONVERSATIONS, write_prepared
 from slm.config import resolve
 from slm.data.template import render
-from slm.data.windows import (ConditionedRows, PretrainBatches, ShuffledWindows, SftBatches, check_fits, document_bounds,
-                              get_batch, masked_windows, open_split, pack, token_counts, validation_starts, window_starts)
+from slm.data.windows import (ConditionedRows, PretrainBatches, SftBatches, ShuffledWindows, check_fits,
+                              document_bounds, get_batch, masked_windows, open_split, pack, token_counts,
+                              validation_starts, window_starts)
 from slm.device import World
-from slm.model.gpt import IGNORE_INDEX
 from slm.errors import SlmError
+from slm.model.gpt import IGNORE_INDEX
 
 
 def test_memmap_round_trip_and_targets_are_inputs_shifted_by_one(tmp_path):
@@ -96,11 +97,11 @@ def test_token_counts_are_counted_in_chunks_and_match_bincount(tmp_path):
 
 
 def test_conditioned_rows_are_a_request_then_its_story_from_the_start_with_the_loss_on_the_story(tmp_path):
-    from slm.data.template import MARKERS
     from slm.assistant.constraints import check
-    from slm.model.gpt import IGNORE_INDEX
     from slm.data.stories import demo_documents
+    from slm.data.template import MARKERS
     from slm.data.tokenizer import EOT_ID, get_tokenizer
+    from slm.model.gpt import IGNORE_INDEX
 
     tok = get_tokenizer()
     stories = [s for _, s in zip(range(60), demo_documents("train"))]

@@ -4,13 +4,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CFG, lively_model
 
-from slm.inference.engine import Engine
+from conftest import CFG, lively_model
+from slm.data.tokenizer import get_tokenizer
 from slm.errors import SlmError
+from slm.inference.engine import Engine
 from slm.inference.generate import decode
 from slm.inference.sampling import SamplingSettings
-from slm.data.tokenizer import get_tokenizer
 
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=40)  # past the 24-token window: every row slides
 

@@ -4,19 +4,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CFG, compact_model, lively_model, tiny_config
 
-from slm.runs.checkpoint import checkpoint_dir, load_model
+from conftest import CFG, compact_model, lively_model, tiny_config
 from slm.cli import main
 from slm.config import ModelConfig
+from slm.data.tokenizer import EOT_ID, StopText, get_tokenizer
 from slm.errors import SlmError
 from slm.inference.engine import complete, stream
 from slm.inference.generate import decode, generate, prompt_ids
-from slm.inference.sampling import (CompactSampler, SamplingSettings, draw, make_picker, penalize_repetition, sample_next,
-                          top_k_filter, top_p_filter)
 from slm.inference.kv_cache import SlotCache
+from slm.inference.sampling import (CompactSampler, SamplingSettings, draw, make_picker, penalize_repetition,
+                                    sample_next, top_k_filter, top_p_filter)
 from slm.model.gpt import GPT
-from slm.data.tokenizer import EOT_ID, StopText, get_tokenizer
+from slm.runs.checkpoint import checkpoint_dir, load_model
 
 GPT2_CFG = ModelConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32)
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=15)
@@ -501,8 +501,8 @@ def test_generate_and_eval_accept_dtype_bfloat16(tiny_run, tiny_data, capsys):
 
 
 def test_word_forms_are_the_first_ids_of_each_written_form_by_where_it_fits():
-    from slm.inference.logit_bias import word_forms
     from slm.data.tokenizer import get_tokenizer
+    from slm.inference.logit_bias import word_forms
 
     tok = get_tokenizer()
     [ball, lily, roxy] = word_forms(tok, ["ball", "Lily", "Roxy"])

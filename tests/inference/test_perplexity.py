@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from conftest import write_prepared
 from slm.cli import main
 from slm.config import ModelConfig
+from slm.data.tokenizer import get_tokenizer
 from slm.inference.perplexity import bits_per_byte, evaluate_tokens, windows
 from slm.model.gpt import GPT
-from slm.data.tokenizer import get_tokenizer
 
 CPU = torch.device("cpu")
 BLOCK = 16

@@ -10,7 +10,7 @@ from slm.cli import main
 from slm.config import ModelConfig
 from slm.data.tokenizer import EOT_ID, get_tokenizer
 from slm.inference.generate import generate
-from slm.interop.tensors import table
+from slm.interop.huggingface import table
 from slm.model.gpt import GPT
 from slm.runs import checkpoint
 from test_huggingface import logits_of, make_run, trained_looking, trained_runs  # noqa: F401 (a fixture)

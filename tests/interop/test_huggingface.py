@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from slm.runs import checkpoint
-from slm.data.template import render, render_text
 from slm.cli import main
 from slm.config import Config, ModelConfig
-from slm.interop.huggingface import export_hf, import_hf
-from slm.interop.tensors import table
-from slm.inference.generate import generate
-from slm.model.gpt import GPT
+from slm.data.template import render, render_text
 from slm.data.tokenizer import EOT_ID, get_tokenizer
+from slm.inference.generate import generate
+from slm.interop.huggingface import export_hf, import_hf, table
+from slm.model.gpt import GPT
+from slm.runs import checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,7 +135,7 @@ def test_exported_trained_run_matches_transformers_and_slm_generate_text(tmp_pat
 
 def test_expanded_compact_head_is_exact_for_any_layer_norm(tmp_path):
     """The expansion must hold for trained gains and biases, not only for the initial g=1, b=0."""
-    from slm.interop.tensors import expanded_head
+    from slm.interop.huggingface import expanded_head
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_head=100)).eval()

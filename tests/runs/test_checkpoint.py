@@ -4,13 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slm.runs.files import MetricsLog, read_metrics
-from slm.runs import checkpoint
 from slm.cli import main
 from slm.config import Config, ModelConfig
+from slm.data.tokenizer import get_tokenizer
 from slm.errors import SlmError
 from slm.model.gpt import GPT
-from slm.data.tokenizer import get_tokenizer
+from slm.runs import checkpoint
+from slm.runs.files import MetricsLog, read_metrics
 
 CFG = Config(model=ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32))
 

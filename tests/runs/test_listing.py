@@ -6,8 +6,8 @@ import shutil
 import subprocess
 import sys
 
-from slm.runs.files import read_metrics
 from slm.cli import main
+from slm.runs.files import read_metrics
 from slm.runs.listing import PID_FILE, Progress, duration, status
 
 

@@ -13,14 +13,14 @@ openai = pytest.importorskip("openai", reason="the serve tests use the official 
 httpx = pytest.importorskip("httpx")
 
 from conftest import skip_unless_ci  # noqa: E402
-from slm.assistant import chat  # noqa: E402
-from slm.runs.checkpoint import checkpoint_dir, load_model  # noqa: E402
 from slm.cli import main  # noqa: E402
+from slm.data.template import conversation_ids  # noqa: E402
+from slm.data.tokenizer import get_tokenizer  # noqa: E402
 from slm.inference.engine import Engine, TextDelta, complete  # noqa: E402
 from slm.inference.sampling import SamplingSettings  # noqa: E402
+from slm.runs.checkpoint import checkpoint_dir, load_model  # noqa: E402
 from slm.serve.app import create_app  # noqa: E402
 from slm.serve.in_thread import serve_in_thread  # noqa: E402
-from slm.data.tokenizer import get_tokenizer  # noqa: E402
 
 HELLO = [{"role": "user", "content": "Tell me about Tom."}]
 
@@ -77,7 +77,7 @@ def test_a_stop_string_ends_the_text_before_it(client, tiny_run, model):
 
 def test_a_chat_completion_answers_with_the_chat_template(client, tiny_run, model):
     reply = client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=6, temperature=0)
-    prompt = chat.conversation_ids(HELLO)
+    prompt = conversation_ids(HELLO)
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == alone(model, prompt, 6)
     assert reply.usage.prompt_tokens == len(prompt)

@@ -192,8 +192,8 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, tin
 @pytest.mark.distributed
 def test_a_compiled_sharded_fsdp_run_matches_one_process_and_its_checkpoint_loads_in_one(tmp_path, tiny_data,
                                                                                           monkeypatch):
-    from slm.runs.checkpoint import load_model
     from slm.inference.generate import generate
+    from slm.runs.checkpoint import load_model
 
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     train(tiny_data, one, "--sample-tokens", "8")

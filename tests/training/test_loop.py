@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from slm.runs import files
 from slm.config import ModelConfig, TrainConfig
 from slm.model.gpt import GPT
-from slm.training.optimizers import build_optimizers
+from slm.runs import files
 from slm.training.loop import accumulate, start, step_optimizer
+from slm.training.optimizers import build_optimizers
+
 
 def _grads(model):
     return [p.grad.clone() for p in model.parameters()]

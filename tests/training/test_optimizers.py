@@ -5,8 +5,8 @@ import torch
 
 from slm.config import ModelConfig, TrainConfig
 from slm.model.gpt import GPT
-from slm.training.optimizers import build_optimizers, orthogonalise, set_learning_rate
 from slm.training.loop import accumulate, step_optimizer
+from slm.training.optimizers import build_optimizers, orthogonalise, set_learning_rate
 from slm.training.state import learning_rate
 
 SMALL = ModelConfig(vocab_size=101, block_size=8, n_layer=2, n_head=2, n_embd=16)

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config, write_prepared
-from slm.runs.listing import PID_FILE, status
-from slm.runs import checkpoint
 from slm.cli import main
-from slm.errors import SlmError
 from slm.data.windows import PretrainBatches
+from slm.errors import SlmError
+from slm.runs import checkpoint
+from slm.runs.listing import PID_FILE, status
 from slm.training.loop import resume, start
 
 

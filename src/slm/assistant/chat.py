@@ -1,8 +1,5 @@
-"""`slm chat`: a conversation with a model in the terminal, or one answer per input line when stdin is not one.
-
-Each answer follows the newest request as `slm serve` and `slm eval-assistant` do (slm.assistant.following);
-the conversation is rendered with slm.data.template and fitted to the context, oldest turns dropped first.
-"""
+"""`slm chat`: a conversation with a model in the terminal, or one answer per input line when stdin is not one;
+each answer follows the newest request (following.py) as `slm serve` and `slm eval-assistant` do."""
 
 from __future__ import annotations
 

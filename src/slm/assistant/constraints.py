@@ -1,9 +1,5 @@
-"""What a request asks, read from its own words, and the checker that scores an answer against it.
-
-`read_request` gives the constraints of any user message (the words and names it asks for, a first or last
-sentence it gives, talk or none), as `check` takes them; the checker scores each constraint of an answer, and
-`flaws` what reads as forced or broken. slm.data.requests makes requests from stories in the same words.
-"""
+"""What a request asks, read from its own words (`read_request`), and the checker that scores an answer against
+it (`check`; `flaws`: what reads as forced or broken). slm.data.requests makes requests in the same words."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """`slm eval-assistant`: how well runs follow held-out story requests, side by side.
 
 The prompts come from `slm make-instructions --prompts-out`: requests made from stories no training saw,
-half in wordings training used and half in wordings it never used (constraints.HELD_OUT). Each answer is
-scored by constraints.check, the checker that also built the requests, and by what makes it a story:
+half in wordings training used and half in wordings it never used (requests.HELD_OUT). Each answer is
+scored by constraints.check, the checker in the words the requests were made in, and by what makes it a story:
 
     words     mean share of the requested words the answer uses (whole words, any case)
     name      share of answers that name the requested character
@@ -45,15 +45,15 @@ from typing import Any
 import torch
 
 from slm.assistant import following
-from slm.data.template import Message, check_messages, jsonl_rows, conversation_ids, fit_for_answer
-from slm.runs.checkpoint import checkpoint_dir, load_model
-from slm.config import add_checkpoint_choice, add_placement
 from slm.assistant.constraints import check, distinct_4grams, flaws, is_story, word_count
+from slm.config import add_checkpoint_choice, add_placement
+from slm.data.template import Message, check_messages, conversation_ids, fit_for_answer, jsonl_rows
+from slm.data.tokenizer import get_tokenizer
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
-from slm.runs.files import write_text_atomic
 from slm.inference.sampling import DEFAULT_MAX_NEW_TOKENS, FLAGS, SamplingSettings, add_sampling_flags, make_generator
-from slm.data.tokenizer import get_tokenizer
+from slm.runs.checkpoint import checkpoint_dir, load_model
+from slm.runs.files import write_text_atomic
 
 CONSTRAINTS = ("words", "name", "starts", "ends", "dialogue", "length")
 SCORES = (*CONSTRAINTS, "all_words", "story", "ended", "n_words", "distinct4", "repeats", "glued", "miscased",

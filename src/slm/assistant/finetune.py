@@ -2,11 +2,10 @@
 
 The model and its config come from the base run's checkpoint. The training settings start from the base
 run's, FINETUNE_DEFAULTS replace the ones a fine-tune should not inherit (a pretraining's length, time budget,
-peak learning rate, its decay and weight decay), and the flags given win. `train` runs the usual loop on
-chat.SftBatches, whose targets are IGNORE_INDEX except on the assistant's tokens, so every loss, validation
-loss included, is the loss on what the assistant says. The base model's validation loss on the same batches
-is written as step 0 of the new run's metrics.jsonl: the first evaluation line says where fine-tuning started
-from.
+peak learning rate, its decay and weight decay), and the flags given win. The training loop runs on
+windows.SftBatches, whose targets are IGNORE_INDEX except on the assistant's tokens, so every loss is the loss on
+what the assistant says. The base model's validation loss on the same batches is step 0 of the new run's
+metrics.jsonl: the first evaluation line says where fine-tuning started from.
 """
 
 from __future__ import annotations
@@ -19,23 +18,23 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from slm.runs import checkpoint
-from slm.training import distributed
-from slm.training.loop import estimate_loss, train
-from slm.training.state import TrainState
-from slm.runs.files import write_text_atomic
-from slm.data.template import Message, read_conversations
-from slm.data.windows import SftBatches, check_data_matches, pack
 from slm.config import (Config, add_checkpoint_choice, add_config_flags, add_run_out, check_resume_changes,
                         flags_from_args, resolve)
+from slm.data.prepare import held_out
+from slm.data.template import Message, read_conversations
+from slm.data.tokenizer import get_tokenizer
+from slm.data.windows import SftBatches, check_data_matches, pack
 from slm.device import pick_dtype
 from slm.errors import SlmError
-from slm.training.launch import launch
-from slm.data.prepare import held_out
+from slm.runs import checkpoint
+from slm.runs.files import write_text_atomic
 from slm.runs.metrics import RunLog
-from slm.data.tokenizer import get_tokenizer
+from slm.training import distributed
+from slm.training.launch import launch
+from slm.training.loop import estimate_loss, train
+from slm.training.state import TrainState
 
-# The base run's optimizer stays (--optimizer changes it); Muon's peak, on AdamW's scale (optim.py), drops with it.
+# The base run's optimizer stays (--optimizer changes it); Muon's peak, on AdamW's scale (optimizers.py), drops with it.
 # weight_decay: the cpu preset's 0.5 is for ~5 epochs of a small corpus; fine-tunes were measured at 0.1
 FINETUNE_DEFAULTS = {"max_steps": 300, "max_tokens": 0, "max_minutes": 0.0, "learning_rate": 3e-4,
                      "muon_learning_rate": 3e-4, "warmup_steps": 30, "eval_interval": 50, "instruct_share": 0.0,

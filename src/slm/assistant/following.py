@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from slm.inference.engine import Engine, TextDelta
 from slm.assistant.constraints import check, flaws, read_request
 from slm.data.requests import sentences
-from slm.inference.logit_bias import Words, word_forms
-from slm.model.gpt import GPT
-from slm.inference.sampling import SamplingSettings
 from slm.data.tokenizer import Tokenizer
+from slm.inference.engine import Engine, TextDelta
+from slm.inference.logit_bias import Words, word_forms
+from slm.inference.sampling import SamplingSettings
+from slm.model.gpt import GPT
 
 # How choose() weighs a candidate (benchmarks/assistant.md): each constraint met counts 1, a flaw -1, the
 # model's mean loss per token -FLUENCY, a spike of surprise past SPIKE nats on one word -SPIKE_WEIGHT per nat,

@@ -1,7 +1,7 @@
 """`slm make-instructions`: chat data made from a story corpus alone, no other model involved.
 
-Each story gives one conversation whose answer the story itself guarantees (slm.assistant.constraints builds and
-checks the requests):
+Each story gives one conversation whose answer the story itself guarantees (slm.data.requests builds the
+requests):
 
     story      a request the story satisfies: a character, words to use, the first or last sentence,
                dialogue or none, short or long, alone or together          -> the story
@@ -10,7 +10,7 @@ checks the requests):
     follow_up  a request answered by another story of the same character, then "Again, but it uses the
                words A and B"                                              -> this story
 
-Every part of a request has many phrasings, of which the last few (constraints.HELD_OUT) never appear in
+Every part of a request has many phrasings, of which the last few (requests.HELD_OUT) never appear in
 training rows. With --epochs E each story gives E rows, each with fresh random choices, so the model cannot
 learn one pairing of a story and its request. Choices come from a generator seeded with (seed, epoch, story
 index), so the output depends only on the corpus and --seed. Held-out stories (the source's validation split
@@ -32,10 +32,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
-from slm.runs.files import atomic_path
+from slm.data.prepare import held_out, open_source
 from slm.data.requests import main_character, phrasings, story_facts, story_request, word_list
 from slm.errors import SlmError
-from slm.data.prepare import held_out, open_source
+from slm.runs.files import atomic_path
 
 KINDS = ("story", "continue", "who", "follow_up")
 KIND_WEIGHTS = (6, 1, 1, 2)

@@ -27,10 +27,10 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from slm.runs.files import atomic_path, remove_stale
-from slm.errors import SlmError
 from slm.data.stories import demo_documents
 from slm.data.tokenizer import EOT_TOKEN, get_tokenizer
+from slm.errors import SlmError
+from slm.runs.files import atomic_path, remove_stale
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")

@@ -15,7 +15,6 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,7 +31,6 @@ from slm.model.gpt import IGNORE_INDEX
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (B, T)
 _VALIDATION_STREAM = 2**31 - 1  # a step number training never reaches: the fixed validation windows
 _SHUFFLED_STREAM = 2**31 - 2  # keeps the passes' draws apart from the random windows' and validation's
-T = TypeVar("T")
 
 
 def open_split(data_dir: str | Path, split: str) -> np.memmap:
@@ -133,7 +131,7 @@ class ConditionedRows:
 
         <|user|>\\n{request}\\n<|assistant|>\\n{story}<|endoftext|>{the next documents, to fill the row}
 
-    The request is drawn afresh each time a story is drawn (slm.assistant.constraints, training wordings only), from
+    The request is drawn afresh each time a story is drawn (requests.story_request, training wordings only), from
     the part of the story the row holds, so every requested word and name is in the row; the loss skips the
     request, so the model learns to answer requests, not to write them. Row r of step s depends only on
     (seed, s, r), so runs stay repeatable and resumable."""
@@ -190,7 +188,7 @@ def share(items: Sequence, world: World) -> Sequence:
     return items[world.rank * per_process:(world.rank + 1) * per_process]
 
 
-def micro_batches(starts: Sequence, size: int, window: Callable[[Sequence], T]) -> list[T]:
+def micro_batches(starts: Sequence, size: int, window: Callable[[Sequence], Batch]) -> list[Batch]:
     """Consecutive micro-batches of `size` window starts, each made a batch by `window`."""
     return [window(starts[i:i + size]) for i in range(0, len(starts), size)]
 

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
+from slm.data.tokenizer import StopText, StreamDecoder, Tokenizer
 from slm.errors import SlmError
 from slm.inference.kv_cache import SlotCache
-from slm.model.gpt import GPT
 from slm.inference.logit_bias import LogitBias, Words
 from slm.inference.sampling import SamplingSettings, make_generator, make_picker
-from slm.data.tokenizer import StopText, StreamDecoder, Tokenizer
+from slm.model.gpt import GPT
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
 """Decoding ids, and `slm generate`.
 
 `decode` yields the next ids of a batch of prompts of any lengths, every row running to max_new_tokens:
-cached, it reads them off batching.Engine's rows (each decodes as its prompt would alone); text (stop
-strings, end-of-text, streaming) is batching.stream's, which serves `slm generate`, chat, the server and
-the samples printed in training.
+cached, it reads them off engine.Engine's rows (each decodes as its prompt would alone); text (stop strings,
+end-of-text, streaming) is engine.stream's.
 
 `decode(..., use_cache=False)` recomputes the whole context every step: slow and obviously correct, it is the
 reference the cached path is tested against. When a row's context window fills, the window slides: the
@@ -20,22 +19,21 @@ from collections.abc import Iterator
 
 import torch
 
-from slm.inference.engine import Engine, complete, stream
 from slm.config import add_checkpoint_choice, add_placement
+from slm.data.tokenizer import Tokenizer
 from slm.errors import SlmError
-from slm.model.gpt import GPT
+from slm.inference.engine import Engine, complete, stream
 from slm.inference.logit_bias import LogitBias, Words
 from slm.inference.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, add_sampling_flags,
                                     make_generator, make_picker)
-from slm.data.tokenizer import Tokenizer
+from slm.model.gpt import GPT
 
-# ---- decoding ---------------------------------------------------------------------------------------------------
 
 def decode(model: GPT, prompts: list[list[int]], settings: SamplingSettings,
            generator: torch.Generator | None = None, use_cache: bool = True,
            words: list[Words] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) of every row, settings.max_new_tokens times, after prompts of any lengths; every
-    row runs to the end (stop strings and end-of-text are text's business: batching.stream). `words`: each
+    row runs to the end (stop strings and end-of-text are text's business: engine.stream). `words`: each
     row's requested words (logit_bias.word_forms), pushed by settings.word_bias. The settings and prompts are
     checked on the call, before the first step is asked for. Full recompute takes prompts of one length."""
     settings.check(model.config.vocab_size)
@@ -125,9 +123,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from slm.runs.checkpoint import checkpoint_dir, load_model
-    from slm.device import pick_device, pick_dtype
     from slm.data.tokenizer import get_tokenizer
+    from slm.device import pick_device, pick_dtype
+    from slm.runs.checkpoint import checkpoint_dir, load_model
 
     device = pick_device(args.device)
     model, cfg, _ = load_model(checkpoint_dir(args.run, args.checkpoint), device, pick_dtype(args.dtype, device))

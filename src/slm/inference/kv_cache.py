@@ -1,4 +1,4 @@
-"""The key/value cache decoding steps over: a slot per sequence of the running batch (batching.py), allocated
+"""The key/value cache decoding steps over: a slot per sequence of the running batch (engine.py), allocated
 once.
 
 A one-token step of a small model on a CPU spends about as long dispatching its operations as multiplying
@@ -16,7 +16,7 @@ from slm.model.gpt import GPT
 
 
 class SlotCache:
-    """Keys and values of up to `rows` sequences of a running batch (batching.py), each in a slot of its own and
+    """Keys and values of up to `rows` sequences of a running batch (engine.py), each in a slot of its own and
     at its own length: n_layer tensors (rows, H, block_size, D). The sequences decoding hold slots 0..n-1, so a
     step reads a slice of the cache, never a gathered copy. Zeros, not empty memory: a step attends over the
     longest row's keys and masks the rest, and a masked NaN would still poison the softmax."""

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from slm.data.windows import check_data_matches, get_batch, open_split
-from slm.runs.checkpoint import checkpoint_dir, load_model
 from slm.config import add_checkpoint_choice, add_placement
+from slm.data.prepare import iter_file_documents, read_meta, tokenize_documents
+from slm.data.tokenizer import get_tokenizer
+from slm.data.windows import check_data_matches, get_batch, open_split
 from slm.device import autocast, keep_freed_memory, pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.model.gpt import GPT
-from slm.data.prepare import iter_file_documents, read_meta, tokenize_documents
-from slm.data.tokenizer import get_tokenizer
+from slm.runs.checkpoint import checkpoint_dir, load_model
 
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:

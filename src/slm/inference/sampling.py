@@ -22,8 +22,7 @@ MAX_BEST_OF = 16
 # samples). SamplingSettings' own temperature stays 1, the model's plain distribution, for library callers.
 DEFAULT_TEMPERATURE = 0.8  # a little sharper than the model's own distribution: fewer stray words
 DEFAULT_MAX_NEW_TOKENS = 256  # room for a whole story: the demo corpus's are 110 to 250 tokens
-# The sampling flags of generate, chat and eval-assistant, declared once: SamplingSettings' field -> (type, help),
-# and the value at which a filter does nothing, in words.
+# The sampling flags of generate, chat and eval-assistant, declared once: field -> (type, help); OFF: no effect.
 FLAGS = {"temperature": (float, "0 = greedy; higher = more random"),
          "top_k": (int, "sample only among the k most likely ids"),
          "top_p": (float, "sample only among the most likely ids whose probability reaches p"),
@@ -88,12 +87,10 @@ class SamplingSettings:
             raise SlmError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); use 1 for none")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise SlmError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS} (got {self.max_new_tokens})")
-        if not 0 <= self.word_bias <= 100:
-            raise SlmError(f"--word-bias must be between 0 and 100 (got {self.word_bias}); use 0 for none")
-        if not 0 <= self.word_reach <= 100:
-            raise SlmError(f"--word-reach must be between 0 and 100 (got {self.word_reach}); use 0 for everywhere")
-        if not 0 <= self.dry_multiplier <= 100:
-            raise SlmError(f"--dry-multiplier must be between 0 and 100 (got {self.dry_multiplier}); use 0 for none")
+        for name, off in (("word_bias", "none"), ("word_reach", "everywhere"), ("dry_multiplier", "none")):
+            if not 0 <= getattr(self, name) <= 100:
+                raise SlmError(f"--{name.replace('_', '-')} must be between 0 and 100 (got {getattr(self, name)}); "
+                               f"use 0 for {off}")
         if not 1 < self.dry_base <= 10:
             raise SlmError(f"--dry-base must be above 1 and at most 10 (got {self.dry_base})")
         if not 1 <= self.dry_allowed_length <= 100:

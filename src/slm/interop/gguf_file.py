@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slm.data.tokenizer import get_tokenizer, vocab_files
 from slm.errors import SlmError
-from slm.interop.tensors import LAYER_NORM_EPS, check_exportable, export_state, table
+from slm.interop.huggingface import LAYER_NORM_EPS, check_exportable, export_state, table
 from slm.runs.checkpoint import TIED_HEAD, checkpoint_dir, load_model
 from slm.runs.files import write_atomically
 

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slm.runs.files import read_metrics, write_text_atomic
 from slm.config import Config
-from slm.runs.plot import CURVES
+from slm.runs.files import read_metrics
 from slm.runs.listing import Progress, duration
+from slm.runs.plot import CURVES
 
 CARD = "README.md"
 HUB_HEADER = "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [slm, gpt2]\n---\n\n"
@@ -46,10 +46,6 @@ def model_card(run: Path, cfg: Config, parameters: int, records: list[dict[str, 
             + (f"![training curves]({CURVES})\n\n" if (run / CURVES).is_file() else "")
             + (f"## A sample\n\n```text\n{sample.strip()}\n```\n\n" if sample.strip() else "")
             + f"## Config (slm's config.toml)\n\n| section | field | value |\n|---|---|---|\n{rows}\n")
-
-
-def write_card(run: Path, cfg: Config, parameters: int, records: list[dict[str, Any]], sample: str = "") -> None:
-    write_text_atomic(run / CARD, model_card(run, cfg, parameters, records, sample))
 
 
 def hub_card(run: Path, cfg: Config, parameters: int, name: str) -> str:

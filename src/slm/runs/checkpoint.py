@@ -5,7 +5,7 @@
     RUN/best/             the checkpoint with the lowest validation loss so far
     RUN/last/             the newest checkpoint, with optimizer and trainer state for resuming
     RUN/history/step-N/   older `last` checkpoints, the newest keep_checkpoints - 1 of them
-    RUN/README.md         the model card; RUN/curves.png its figure; RUN/tb/ TensorBoard's logs (runlog.py)
+    RUN/README.md         the model card; RUN/curves.png its figure; RUN/tb/ TensorBoard's logs (metrics.py)
 
 A checkpoint folder holds `model.safetensors` (the weights, the tied head stored once; the config and
 tokenizer identity in its metadata) and, for `last`, `trainer.pt` (optimizer and trainer state, read with

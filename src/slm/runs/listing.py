@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slm.runs.files import alive, manifest_field, read_metrics
 from slm.config import Config, preset_names, read_toml, resolve
 from slm.errors import SlmError
+from slm.runs.files import alive, manifest_field, read_metrics
 
-PID_FILE = "train.pid"  # runlog.RunLog keeps it while training
+PID_FILE = "train.pid"  # metrics.RunLog keeps it while training
 
 
 def status(run_dir: Path, records: list[dict[str, Any]]) -> str:

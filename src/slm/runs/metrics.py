@@ -18,12 +18,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from slm.runs.files import MetricsLog, read_metrics, write_text_atomic
-from slm.runs.card import write_card
 from slm.config import Config
 from slm.errors import SlmError
-from slm.runs.plot import refresh_curves
+from slm.runs.card import CARD, model_card
+from slm.runs.files import MetricsLog, read_metrics, write_text_atomic
 from slm.runs.listing import PID_FILE, duration
+from slm.runs.plot import refresh_curves
 
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
                     "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss", "val_bpb": "val/bpb"}
@@ -66,7 +66,8 @@ class RunLog:
         try:
             records = read_metrics(self.run_dir / "metrics.jsonl")  # once, for both
             refresh_curves(self.run_dir, records)
-            write_card(self.run_dir, self.cfg, self.parameters, records, sample)
+            card = model_card(self.run_dir, self.cfg, self.parameters, records, sample)
+            write_text_atomic(self.run_dir / CARD, card)
         except OSError as err:  # a full disk should cost the figures, not the run
             print(f"slm: warning: could not update {self.run_dir}/curves.png or README.md: {err}", file=sys.stderr)
 

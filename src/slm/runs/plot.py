@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from slm.runs.files import atomic_path, read_metrics
 from slm.errors import SlmError
+from slm.runs.files import atomic_path, read_metrics
 
 CURVES = "curves.png"  # RUN/curves.png, refreshed at every evaluation
 FIGSIZE = (11.0, 11.0)  # inches

@@ -20,9 +20,6 @@ drops its oldest turns first, as `slm chat` does (template.fit_context; `usage.p
 kept), and is refused only when the system message and the newest message alone do not fit. Every error is
 OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}, with a 4xx status for a client's mistake.
 
-Batching (continuous): one worker thread owns the model and its running batch (worker.py); request
-handlers put jobs on its inbox and await their text on an asyncio queue, so the event loop never waits.
-
 Limits (schema.py; flags of `slm serve`): a request asks for at most --max-batch rows and
 --max-tokens per row, a chat has at most --max-messages messages, a body at most --max-body-bytes; past
 --max-waiting rows waiting, a request is refused with 429 and Retry-After. --request-timeout after it is
@@ -61,7 +58,7 @@ from slm.errors import SlmError
 from slm.inference.sampling import SamplingSettings
 from slm.model.gpt import GPT
 from slm.runs.checkpoint import checkpoint_dir, load_model
-from slm.runs.files import read_sampling
+from slm.runs.files import SAMPLING_KEYS, read_sampling
 from slm.serve.schema import (ApiError, BodyLimit, ChatRequest, CompletionRequest, Limits, Sampling, busy,
                               generation_failed, invalid_body)
 from slm.serve.worker import Job, Worker
@@ -77,8 +74,7 @@ class Server:
                  sampling: dict[str, float] = {}) -> None:  # noqa: B006 (read, never changed)
         self.model, self.model_id, self.created, self.limits = model, model_id, created, limits
         # what a request that leaves a setting out gets: the run's measured choice, else OpenAI's default
-        self.sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "word_bias": 0.0,
-                         "word_reach": 0.0, "dry_multiplier": 0.0, "best_of": 1} | sampling
+        self.sampling = {key: getattr(SamplingSettings(), key) for key in SAMPLING_KEYS} | sampling
         self.tokenizer = get_tokenizer()
         self.worker = Worker(model, self.tokenizer, limits.max_batch)
         self.jobs: list[Job] = []  # submitted, decoding or waiting; pruned of those gone at each submit
@@ -119,8 +115,8 @@ class Server:
         chosen = {key: default if getattr(body, key) is None else getattr(body, key)
                   for key, default in self.sampling.items()}
         settings = SamplingSettings(**chosen, max_new_tokens=self.max_new_tokens(body), stop=body.stop)
-        chat_plan = isinstance(body, ChatRequest)
-        plan = following.plan(self.tokenizer, body.messages) if chat_plan else following.Plan({}, [])
+        chat = isinstance(body, ChatRequest)
+        plan = following.plan(self.tokenizer, body.messages) if chat else following.Plan({}, [])
         return Job([ids for ids in prompts for _ in range(body.n)], settings, body.seed, asyncio.get_running_loop(),
                    time.monotonic() + self.limits.request_timeout, plan)
 

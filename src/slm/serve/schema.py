@@ -129,7 +129,7 @@ class CompletionRequest(Sampling):
 
 
 class ChatRequest(Sampling):
-    messages: list[Any]  # checked by chat.check_messages, which names the bad message
+    messages: list[Any]  # checked by template.check_messages, which names the bad message
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens in OpenAI's chat API
 
     @property

@@ -1,12 +1,10 @@
 """The worker of `slm serve`: one thread owns the model and its running batch (inference.engine.Engine).
 
 Request handlers put jobs on its inbox and await their text on an asyncio queue, so the event loop never
-waits for the model. Between two decoding steps the worker admits waiting requests while rows are free: a
-request arriving mid-decode joins the running batch at the next step, each row with its own sampling settings,
-stop strings, max_tokens and seed (choice i of a request with `seed` samples with seed + i, on its own
-generator, so its text does not depend on what else is decoding). A row that finishes, or whose request has
-gone, leaves the batch at once and frees its slot. At most --max-batch rows decode at once; later requests
-wait in arrival order.
+waits for the model. A request arriving mid-decode joins the running batch at the next step, each row with its
+own settings, stop strings, max_tokens and seed (choice i of a request with `seed` samples with seed + i, on its
+own generator, so its text does not depend on what else is decoding); a finished row, or one whose request has
+gone, leaves at once. At most --max-batch rows decode at once; later requests wait in arrival order.
 """
 
 from __future__ import annotations
@@ -61,9 +59,8 @@ class Job:
 
 
 class Worker:
-    """The thread that owns the model and its running batch (batching.Engine): between two decoding steps it
-    drops the rows of requests gone, admits waiting requests while rows are free, and sends each delta to
-    its request."""
+    """The thread that owns the model and its running batch: between two decoding steps it drops the rows of
+    requests gone, admits waiting requests while rows are free, and sends each delta to its request."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int) -> None:
         self.engine = Engine(model, tokenizer, max_batch)

@@ -17,8 +17,8 @@ import threading
 from types import FrameType
 from typing import Any
 
-from slm.training.distributed import die_with_parent
 from slm.errors import SlmError
+from slm.training.distributed import die_with_parent
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

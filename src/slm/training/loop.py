@@ -29,8 +29,7 @@ from slm.config import (Config, TrainConfig, add_config_flags, add_config_source
                         flags_from_args, resolve)
 from slm.data.prepare import read_meta
 from slm.data.tokenizer import get_tokenizer
-from slm.data.windows import (Batch, PretrainBatches, check_data_matches, open_split, token_counts,
-                              validation_batches)
+from slm.data.windows import Batch, PretrainBatches, check_data_matches, open_split, token_counts, validation_batches
 from slm.device import World, autocast, compile_model, keep_freed_memory, pick_dtype, should_compile
 from slm.errors import SlmError
 from slm.inference.generate import sample_text
@@ -110,7 +109,7 @@ class Trainer:
     model: GPT
     trained: torch.nn.Module
     evaluated: torch.nn.Module
-    optimizers: list[torch.optim.Optimizer]  # optim.build_optimizers': AdamW, and Muon with --optimizer muon
+    optimizers: list[torch.optim.Optimizer]  # build_optimizers': AdamW, and Muon with --optimizer muon
     scaler: torch.amp.GradScaler
 
     @property
