@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slm.constraints import story_facts, word_list
+from slm.data.requests import story_facts, word_list
 
 FREE_WORDINGS = [
     "hey can you make up a bedtime story for my kid? it should be about {name} and mention {words}",
@@ -79,10 +79,10 @@ def prompts(valid: Path, seed: int, wordings: str) -> list[dict]:
 
 def score_answers(prompts_file: Path, answers_file: Path, fluency_run: str) -> dict:
     """Scores of answers made elsewhere, one {"index", "answer", "ended"} row per prompt, as eval-assistant's."""
-    from slm import following
-    from slm.checkpoint import checkpoint_dir, load_model
-    from slm.eval_assistant import add_fluency, answer_scores, read_prompts, reference, summarize
-    from slm.tokenizer import get_tokenizer
+    from slm.assistant import following
+    from slm.assistant.evaluate import add_fluency, answer_scores, read_prompts, reference, summarize
+    from slm.data.tokenizer import get_tokenizer
+    from slm.runs.checkpoint import checkpoint_dir, load_model
 
     rows = read_prompts(prompts_file)
     answers = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines() if line.strip()]

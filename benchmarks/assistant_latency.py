@@ -3,7 +3,7 @@ from a prompts file one after another, each answer whole (not streamed); p50 / p
 
     python benchmarks/assistant_latency.py RUN --prompts RUN/prompts.jsonl --requests 20 [--best-of 1]
 
-The server runs in this process (slm.serve_thread.serve_in_thread). `--best-of` and `--temperature` override
+The server runs in this process (slm.serve.in_thread.serve_in_thread). `--best-of` and `--temperature` override
 the run's sampling.json for every request (as API fields); without them each request gets the served default.
 Needs `pip install openai`.
 """
@@ -16,10 +16,10 @@ import time
 
 import openai
 
-from slm.eval_assistant import read_prompts
-from slm.serve import create_app
-from slm.serve_thread import serve_in_thread
-from slm.tokenizer import get_tokenizer
+from slm.assistant.evaluate import read_prompts
+from slm.data.tokenizer import get_tokenizer
+from slm.serve.app import create_app
+from slm.serve.in_thread import serve_in_thread
 
 
 def main() -> None:

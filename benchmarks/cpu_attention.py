@@ -1,6 +1,6 @@
 """Causal attention's forward + backward on this CPU: SDPA's flash kernel against two matmuls around a float32
-softmax (`slm.model.matmul_attention`), in bfloat16 and float32, at 4,096 tokens a batch (the `cpu` preset's)
-over lengths 64 to 1,024, 4 heads of 64. It decides `slm.model.MATMUL_ATTENTION_MAX_T`.
+softmax (`slm.model.gpt.matmul_attention`), in bfloat16 and float32, at 4,096 tokens a batch (the `cpu` preset's)
+over lengths 64 to 1,024, 4 heads of 64. It decides `slm.model.gpt.MATMUL_ATTENTION_MAX_T`.
 
     python benchmarks/cpu_attention.py [--repeats 10]
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from slm.device import keep_freed_memory
-from slm.model import matmul_attention
+from slm.model.gpt import matmul_attention
 
 HEADS, HEAD_DIM, TOKENS = 4, 64, 4096
 

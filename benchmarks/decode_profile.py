@@ -16,10 +16,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from slm.config import resolve
-from slm.generate import decode
-from slm.sampling import SamplingSettings
-from slm.model import GPT
-from slm.tokenizer import EOT_ID
+from slm.data.tokenizer import EOT_ID
+from slm.inference.generate import decode
+from slm.inference.sampling import SamplingSettings
+from slm.model.gpt import GPT
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--preset", default="cpu")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from slm import following
-from slm.checkpoint import checkpoint_dir, load_model
-from slm.constraints import check, flaws
-from slm.eval_assistant import answer_prompts
-from slm.sampling import SamplingSettings, make_generator
-from slm.tokenizer import get_tokenizer
+from slm.assistant import following
+from slm.assistant.constraints import check, flaws
+from slm.assistant.evaluate import answer_prompts
+from slm.data.tokenizer import get_tokenizer
+from slm.inference.sampling import SamplingSettings, make_generator
+from slm.runs.checkpoint import checkpoint_dir, load_model
 
 
 def main() -> int:

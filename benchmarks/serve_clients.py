@@ -3,7 +3,7 @@
     python benchmarks/serve_clients.py runs/demo                        # 1, 8 and 32 clients
     python benchmarks/serve_clients.py runs/demo --clients 1 4 --seconds 20 --max-tokens 64 --device cpu
 
-The server runs in this process (slm.serve_thread.serve_in_thread) on a free port, with --max-batch at the
+The server runs in this process (slm.serve.in_thread.serve_in_thread) on a free port, with --max-batch at the
 largest client count. Each client is a thread with the official openai client that, for `--seconds`, streams
 one completion after another: "Once upon a time", temperature 0.8, `--max-tokens` new tokens. Clients start
 a tenth of a second apart and then run free, so requests arrive while others decode, as with real users.
@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import torch
 
-from slm.serve import create_app
-from slm.serve_thread import serve_in_thread
+from slm.serve.app import create_app
+from slm.serve.in_thread import serve_in_thread
 
 
 def one_request(client: openai.OpenAI, model: str, max_tokens: int) -> tuple[int, float]:

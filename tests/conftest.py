@@ -3,9 +3,9 @@
 
 import dataclasses
 import hashlib
-import random
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -53,7 +53,7 @@ def shared_sample() -> Path:
 
 def write_prepared(path: Path, train: np.ndarray, validation: np.ndarray, bytes_per_token: float = 4.0) -> Path:
     """A prepared data folder in slm prepare's format, built directly from token arrays."""
-    from slm.tokenizer import get_tokenizer
+    from slm.data.tokenizer import get_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     splits = {}
@@ -69,7 +69,7 @@ def write_prepared(path: Path, train: np.ndarray, validation: np.ndarray, bytes_
 
 def story_tokens(n_docs: int, seed: int) -> np.ndarray:
     """Token ids of short, very regular stories: a tiny model learns them in a few dozen steps."""
-    from slm.tokenizer import get_tokenizer
+    from slm.data.tokenizer import get_tokenizer
 
     rng = np.random.default_rng(seed)
     tok = get_tokenizer()
@@ -114,7 +114,7 @@ def losses(run: Path, key: str) -> list[float]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_data) -> Path:
     """A run trained for a few steps: RUN/{config.toml, metrics.jsonl, best/, last/}."""
-    from slm.train import start
+    from slm.training.loop import start
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     start(tiny_config(tiny_data), run)
@@ -132,7 +132,7 @@ def reference_gpt2(tmp_path_factory):
     import tiktoken
     import tiktoken.load
 
-    from slm.tokenizer import vocab_files
+    from slm.data.tokenizer import vocab_files
 
     cache = tmp_path_factory.mktemp("tiktoken-cache")
     vocab_bpe, encoder_json = vocab_files()
@@ -154,7 +154,7 @@ def compact_model(counts):
     import torch
 
     from slm.config import ModelConfig
-    from slm.model import GPT
+    from slm.model.gpt import GPT
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_head=10))
@@ -193,7 +193,7 @@ def lively_model(vocab_head: int = 0):
     scale greedy text repeats one or two ids, and a repeated id cannot tell the right context from a wrong one."""
     import torch
 
-    from slm.model import GPT
+    from slm.model.gpt import GPT
 
     torch.manual_seed(1)
     model = GPT(dataclasses.replace(CFG, vocab_head=vocab_head)).eval()
@@ -204,3 +204,17 @@ def lively_model(vocab_head: int = 0):
     if vocab_head:
         model.lm_head.set_frequencies(torch.randint(1, 1000, (101,), generator=torch.Generator().manual_seed(5)))
     return model
+
+
+# Conversations with what a template can get wrong: a system message, surrounding whitespace, several turns,
+# a contraction at a boundary, empty messages.
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"}],
+    [{"role": "system", "content": "You tell short stories."},
+     {"role": "user", "content": "  Tell me about a cat.\n"},
+     {"role": "assistant", "content": "Once upon a time, there was a cat named Tom.\nHe liked milk. "},
+     {"role": "user", "content": "And then?"},
+     {"role": "assistant", "content": "Then he slept, 100% happy. \u00e9t\u00e9 \U0001F600"}],
+    [{"role": "user", "content": "'s odd: it starts with a contraction"}, {"role": "assistant", "content": "'ll do"}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "x"}],
+]

@@ -5,8 +5,8 @@ import json
 import re
 
 import pytest
-from conftest import skip_unless_ci
 
+from conftest import skip_unless_ci
 from slm.cli import main
 
 # nanoGPT's shape shrunk by config flags, which override it as they override a preset: the test checks
@@ -136,7 +136,7 @@ def test_training_flops_per_token_count_each_multiplied_weight_six_times_plus_at
 
     from slm import bench
     from slm.config import ModelConfig
-    from slm.model import GPT
+    from slm.model.gpt import GPT
 
     full = ModelConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=256)
     # Counted independently, as nanoGPT's estimate_mfu does: 6 FLOPs for every parameter but the position

@@ -5,7 +5,7 @@ import pytest
 
 from slm.cli import COMMANDS, main, parse_args
 from slm.errors import SlmError
-from slm.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from slm.inference.sampling import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 
 
 def test_slm_help_lists_every_command_without_importing_torch():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import losses, train
-from slm.checkpoint import load_model, load_trainer_state
+from slm.runs.checkpoint import load_model, load_trainer_state
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(),

@@ -2,11 +2,11 @@
 
 Figures: prepare tokens/s (prepare's own parallel tokenizer on a few MB of the demo corpus); training tokens/s
 at nanoGPT's CPU configuration (4 layers x 128, context 128, batch 32, GPT-2's vocabulary) in float32 and
-bfloat16, with the full head and with a compact head of 8,192 ids, and for the chosen preset (each through
-train.py's steps on synthetic tokens, warm-up excluded; on a known GPU also as MFU); generation tokens/s
-of the preset's model with the KV cache and with full recompute at batch 1 and 8 (generate.decode: the
-engine of batching.py, or the recompute reference), and greedy at batch 1 beside llama.cpp's on the same
-model exported to GGUF (where llama-cpp-python is installed); and peak memory.
+bfloat16, with the full head and with a compact head of 8,192 ids, and for the chosen preset (each through the
+training loop's own steps on synthetic tokens, warm-up excluded; on a known GPU also as MFU); generation tokens/s
+of the preset's model with the KV cache and with full recompute at batch 1 and 8 (inference.generate.decode:
+the engine, or the recompute reference), and greedy at batch 1 beside llama.cpp's on the same model exported
+to GGUF (where llama-cpp-python is installed); and peak memory.
 `slm bench nanogpt` (or prepare, train, generate) measures one part alone. `slm bench optimizers` is not a
 speed figure: it trains the preset on prepared data once per optimizer (the same seed, data and budget) and
 reports the steps and minutes each took to reach a validation loss. The numbers are printed and, with
@@ -20,8 +20,6 @@ import dataclasses
 import datetime
 import importlib.util
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,21 +30,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm import checkpoint
 from slm.config import OPTIMIZERS, Config, ModelConfig, add_config_flags, flags_from_args, preset_names, resolve
-from slm.device import compile_model, cpu_has_bf16, keep_freed_memory, pick_device, pick_dtype, should_compile
+from slm.data.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
+from slm.data.stories import demo_documents
+from slm.data.tokenizer import EOT_ID, get_tokenizer
+from slm.data.windows import PretrainBatches
+from slm.device import World, cpu_has_bf16, keep_freed_memory, machine, pick_device, pick_dtype
 from slm.errors import SlmError
-from slm.export import export_gguf
-from slm.generate import decode
-from slm.sampling import DEFAULT_TEMPERATURE, SamplingSettings, make_generator
-from slm.model import GPT
-from slm.prepare import FORMAT_VERSION, token_dtype, tokenize_documents
-from slm.runfiles import read_metrics, write_text_atomic
-from slm.stories import demo_documents
-from slm.tokenizer import EOT_ID, get_tokenizer
-from slm.data import PretrainBatches
-from slm.optim import build_optimizers
-from slm.train import accumulate, start, step_optimizer
+from slm.inference.generate import decode
+from slm.inference.sampling import DEFAULT_TEMPERATURE, SamplingSettings, make_generator
+from slm.interop.gguf_file import export_gguf
+from slm.model.gpt import GPT
+from slm.runs import checkpoint
+from slm.runs.files import read_metrics, write_text_atomic
+from slm.training.loop import accumulate, build_trainer, start, step_optimizer
 
 PREPARE_CHARS = 4_000_000   # a few MB: long enough that starting the worker processes is noise
 WARMUP_STEPS = 2            # untimed: first-touch allocations, CUDA kernels picked, torch.compile
@@ -66,24 +63,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so the clock measures the work and not its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> dict[str, object]:
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def bench_prepare() -> float:
@@ -117,9 +96,7 @@ def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
     """(the trained model, training tokens/s over `steps` optimizer steps after `warmup` untimed ones)."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device).train()
-    compiled = compile_model(model) if should_compile(cfg.train.compile, device) else model
-    optimizers = build_optimizers(model, cfg.train, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    trainer = build_trainer(model, cfg.train, World(), device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         synthetic_data(Path(tmp), cfg.model.vocab_size, cfg.train.seed)
         batches = PretrainBatches(tmp, cfg, device)
@@ -127,8 +104,8 @@ def bench_train(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
             if step == warmup:
                 synchronize(device)
                 start = time.perf_counter()
-            accumulate(compiled, batches(step), device, dtype, scaler)
-            step_optimizer(model, optimizers, scaler, cfg.train.grad_clip)
+            accumulate(trainer.trained, batches(step), device, dtype, trainer.scaler)
+            step_optimizer(model, trainer.optimizers, trainer.scaler, cfg.train.grad_clip)
         synchronize(device)
         seconds = time.perf_counter() - start
     return model, steps * cfg.train.batch_size * cfg.model.block_size / seconds

@@ -15,24 +15,25 @@ from types import ModuleType
 
 from slm.errors import SlmError
 
-# name -> (the module in slm that owns the command, one line of help). export.py owns `import` too, a Python
-# keyword, and declares its arguments in add_import_arguments.
+# name -> (the module in slm that owns the command, one line of help). interop/huggingface.py owns `import` too, a
+# Python keyword, and declares its arguments in add_import_arguments.
 COMMANDS = {
-    "prepare": ("prepare", "tokenize a corpus into train.bin / validation.bin / meta.json"),
-    "train": ("train", "train a GPT from scratch on prepared data"),
-    "generate": ("generate", "write text with a trained model (streams to stdout)"),
-    "eval": ("evaluate", "loss, perplexity and bits per byte of a model on a whole file"),
-    "plot": ("plot", "draw the training curves of one or more runs into an image"),
-    "runs": ("runs", "list the runs under a folder: size, tokens, best validation loss, time, status"),
-    "run": ("run", "run a whole pipeline: prepare, train, generate (or fine-tune an assistant)"),
+    "prepare": ("data.prepare", "tokenize a corpus into train.bin / validation.bin / meta.json"),
+    "train": ("training.loop", "train a GPT from scratch on prepared data"),
+    "generate": ("inference.generate", "write text with a trained model (streams to stdout)"),
+    "eval": ("inference.perplexity", "loss, perplexity and bits per byte of a model on a whole file"),
+    "plot": ("runs.plot", "draw the training curves of one or more runs into an image"),
+    "runs": ("runs.listing", "list the runs under a folder: size, tokens, best validation loss, time, status"),
+    "run": ("pipelines", "run a whole pipeline: prepare, train, generate (or fine-tune an assistant)"),
     "bench": ("bench", "measure prepare, training and generation throughput and peak memory"),
-    "make-instructions": ("instructions", "make chat data (instructions and answers) from a story corpus"),
-    "finetune": ("finetune", "fine-tune a trained run on chat data, with the loss on the assistant's tokens only"),
-    "chat": ("chat", "chat with a model in the terminal; with stdin not a terminal, one answer per line"),
-    "eval-assistant": ("eval_assistant", "score runs on held-out instruction prompts, side by side"),
-    "serve": ("serve", "serve a model over an OpenAI-compatible HTTP API, with a web chat page"),
-    "export": ("export", "write a run as a Hugging Face GPT-2 folder or a GGUF file for llama.cpp"),
-    "import": ("export", "turn a local Hugging Face GPT-2 folder into an slm run"),
+    "make-instructions": ("assistant.instructions", "make chat data (instructions and answers) from a story corpus"),
+    "finetune": ("assistant.finetune", "fine-tune a trained run on chat data, with the loss on the assistant's "
+                 "tokens only"),
+    "chat": ("assistant.chat", "chat with a model in the terminal; with stdin not a terminal, one answer per line"),
+    "eval-assistant": ("assistant.evaluate", "score runs on held-out instruction prompts, side by side"),
+    "serve": ("serve.app", "serve a model over an OpenAI-compatible HTTP API, with a web chat page"),
+    "export": ("interop.huggingface", "write a run as a Hugging Face GPT-2 folder or a GGUF file for llama.cpp"),
+    "import": ("interop.huggingface", "turn a local Hugging Face GPT-2 folder into an slm run"),
 }
 
 # What each command's --help ends with; here beside the table, so the user-facing text of the CLI is in one place.

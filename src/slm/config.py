@@ -59,7 +59,7 @@ class ModelConfig:
                   n_head=self.n_head, n_embd=self.n_embd)
         if self.n_embd % self.n_head:
             raise SlmError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head}); "
-                           f"try --n-head {_largest_divisor_at_most(self.n_embd, self.n_head)}")
+                           f"try --n-head {max(d for d in range(1, self.n_head + 1) if self.n_embd % d == 0)}")
         if not 0 <= self.vocab_head < self.vocab_size:
             raise SlmError(f"--vocab-head must be 0 (full head) or between 1 and {self.vocab_size - 1} "
                            f"(got {self.vocab_head})")
@@ -69,10 +69,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, limit + 1) if n % d == 0)
 
 
 @dataclass(frozen=True)
@@ -148,18 +144,10 @@ class TrainConfig:
             raise SlmError(f"--beta1 and --beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if not 0 <= self.muon_momentum < 1:
             raise SlmError(f"--muon-momentum must be in [0, 1) (got {self.muon_momentum})")
-        if self.decay not in DECAYS:
-            raise SlmError(f"--decay must be one of {', '.join(DECAYS)} (got {self.decay!r})")
-        if self.windows not in WINDOW_ORDERS:
-            raise SlmError(f"--windows must be one of {', '.join(WINDOW_ORDERS)} (got {self.windows!r})")
-        if self.optimizer not in OPTIMIZERS:
-            raise SlmError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
-        if self.device not in DEVICES:
-            raise SlmError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
-        if self.dtype not in DTYPES:
-            raise SlmError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-        if self.compile not in COMPILE:
-            raise SlmError(f"--compile must be one of {', '.join(COMPILE)} (got {self.compile!r})")
+        for name, choices in (("decay", DECAYS), ("windows", WINDOW_ORDERS), ("optimizer", OPTIMIZERS),
+                              ("device", DEVICES), ("dtype", DTYPES), ("compile", COMPILE)):
+            if getattr(self, name) not in choices:
+                raise SlmError(f"--{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
 
     @property
     def grad_accum_steps(self) -> int:

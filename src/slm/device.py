@@ -1,4 +1,5 @@
-"""Where the model runs and in which precision: one decision, shared by train, eval and generate."""
+"""Where the model runs and in which precision, one decision shared by every stage; this process's place among
+a run's processes (torchrun's, read by training.distributed.setup); and the machine, as benchmarks record it."""
 
 from __future__ import annotations
 
@@ -6,13 +7,31 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from slm.errors import SlmError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -100,3 +119,22 @@ def keep_freed_memory() -> None:
         libc.mallopt(m_trim_threshold, (1 << 31) - 1)
     except (OSError, AttributeError):  # musl or another libc without mallopt: keep its defaults
         pass
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    """What a benchmark records of the hardware and software it ran on."""
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,205 @@
+"""What a request asks, read from its own words (`read_request`), and the checker that scores an answer against
+it (`check`; `flaws`: what reads as forced or broken). slm.data.requests makes requests in the same words."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from slm.data.requests import (ANY_WORD, LONG_WORDS, NOT_NAMES, PHRASINGS, SHORT_WORDS, STOPWORDS, has_dialogue,
+                               normalized, sentences, uses_word, word_count)
+
+# ---- what a request asks, read from its text --------------------------------------------------------
+
+# Words of requests that are not what the story is to hold: every phrasing's own words, and more that people
+# use to ask for a story. What is left of a short request is what it names: characters, things, feelings.
+_REQUEST_VOCABULARY = frozenset(w.lower() for options in PHRASINGS.values() for p in options
+                                for w in ANY_WORD.findall(p)) | frozenset("""story stories tale tales write
+tell make give words word include including includes use uses using used mention mentions please character
+characters named called main hero heroine keywords keyword vocabulary required require need needs want like love
+bedtime kid kids child children short shorter long longer sentence sentences first last end ending start
+starting begin beginning dialogue talk talking speech lines line quote quotes about featuring starring someone
+somewhere inside hey hello thanks thank could would should must might also really very nice little new text all
+following list these those kind sort type character's lot lots""".split())
+REQUEST_WORDS_LIMIT = 40  # a longer message carries text to work on (a story to continue), not a request
+# A sentence of a request that asks for the first or the last sentence of the story names it by one of these,
+# and gives it in quotes or after a colon: "Open with \"Tom ran.\"", "The final line should read: They slept."
+_STARTS_ASKED = re.compile(r"\b(?:start|starts|begin|begins|open|opens|opening|first|kick)\w*", re.IGNORECASE)
+_ENDS_ASKED = re.compile(r"\b(?:end|ends|ending|finish|finishes|close|closes|closing|last|final)\b", re.IGNORECASE)
+_QUOTED = re.compile(r'["\u201c]([^"\u201c\u201d]{3,}?)["\u201d]')
+_TALK = re.compile(r"\b(?:dialog\w*|talk\w*|speak\w*|speech|spoken|conversations?|quotes?|says?|said|saying)\b",
+                   re.IGNORECASE)
+_NOT = re.compile(r"\b(?:no|not|without|avoid|never|none|don't|do not|leave out|keep \w+ out|skip)\b", re.IGNORECASE)
+
+
+def _given_sentence(part: str) -> str | None:
+    """The sentence a part of a request gives in quotes, or after its first colon; None if it gives none."""
+    quoted = _QUOTED.search(part)
+    if quoted and len(quoted.group(1).split()) >= 2:
+        return quoted.group(1).strip()
+    head, colon, tail = part.partition(":")
+    return tail.strip() if colon and len(tail.split()) >= 2 else None
+
+
+def requested_sentences(message: str) -> tuple[dict[str, str], str]:
+    """({"starts": ..., "ends": ...}, the message without the parts that asked for them): the first and last
+    sentences a request gives, in whatever words it asks for them, so long as it quotes them or puts them
+    after a colon."""
+    found: dict[str, str] = {}
+    rest = message
+    # A request's parts end at a sentence end; a given sentence ends one part and the next asks anew.
+    for part in re.split(r"(?<=[.!?\"\u201d])\s+(?=[A-Z\"\u201c])", message):
+        asks = [key for key, asked in (("starts", _STARTS_ASKED), ("ends", _ENDS_ASKED))
+                if asked.search(part.split(":")[0]) and key not in found]
+        given = _given_sentence(part) if len(asks) == 1 else None
+        if given:
+            found[asks[0]] = given
+            rest = rest.replace(part, " ")
+    return found, rest
+
+
+# Where a request lists its words: after the last of these in a sentence ("Words to use: a, b and c",
+# "Use the words ball and tree", "mention slip, cold and tried", "Please include heard").
+_LIST_CUE = re.compile(r"\b(?:words?|use|using|include|including|mention|keywords?|contains?|containing|"
+                       r"vocabulary|these)\b|:", re.IGNORECASE)
+_LIST_SPLIT = re.compile(r"\s*(?:,\s*(?:and\s+|&\s+)?|\s+(?:and|&)\s+)")
+
+
+def listed_words(message: str) -> list[str]:
+    """The words a request lists (see _LIST_CUE), whatever they are: a request for "new, all and kind" asks
+    for those words even though they are common ones. A list is a run of single words apart from its last
+    item, of which the first word counts ("the words ball, tree in it" lists ball and tree)."""
+    words: list[str] = []
+    for part in re.split(r"(?<=[.!?;])\s+", message):
+        cues = list(_LIST_CUE.finditer(part))
+        if not cues:
+            continue
+        items = [ANY_WORD.findall(item) for item in _LIST_SPLIT.split(part[cues[-1].end():].strip(" .!?;"))]
+        items = [item for item in items if item]
+        if items and all(len(item) == 1 for item in items[:-1]) and (len(items) > 1 or len(items[0]) == 1):
+            words += [item[0].strip("'") for item in items if item[0].lower() not in ("the", "a", "an")]
+    return [w for w in words if not _TALK.fullmatch(w) and len(w) >= 2]
+
+
+def request_words(message: str) -> list[str]:
+    """The words a short request names that an answer should use: its names and content words, in order,
+    without function words, the words people ask with, the first or last sentence it gives and what it says
+    of talk. [] for a message of over REQUEST_WORDS_LIMIT words."""
+    rest = requested_sentences(message)[1]
+    words = [w for w in ANY_WORD.findall(rest) if not (_TALK.fullmatch(w) or _NOT.fullmatch(w))]
+    if len(words) > REQUEST_WORDS_LIMIT:
+        return []
+    skip = STOPWORDS | _REQUEST_VOCABULARY | {x.lower() for x in NOT_NAMES}
+    named = [w.strip("'") for w in words if len(w.strip("'")) >= 3 and w.strip("'").lower() not in skip]
+    found = [w if w[0].isupper() and w.lower() not in STOPWORDS | _REQUEST_VOCABULARY else w.lower()
+             for w in named + listed_words(rest)]
+    return list(dict.fromkeys(found))
+
+
+def dialogue_asked(message: str) -> bool | None:
+    """True where a request asks for talk ("Let the characters speak."), False where it asks for none ("Leave
+    out any spoken lines."), None where it says nothing of it."""
+    for part in re.split(r"(?<=[.!?;])\s+", requested_sentences(message)[1]):
+        if _TALK.search(part):
+            return _NOT.search(part) is None
+    return None
+
+
+def read_request(message: str) -> dict[str, Any]:
+    """The constraints a request's text asks for, as check() takes them: "words" (names among them:
+    capitalized), "starts" / "ends" where it gives those sentences, "dialogue" where it asks for talk or
+    none. The assistant answers and picks its best candidate by these alone; the structured constraints
+    of a prompts file are for scoring."""
+    sentences_asked, _ = requested_sentences(message)
+    words, dialogue = request_words(message), dialogue_asked(message)
+    return {**({"words": words} if words else {}), **sentences_asked,
+            **({} if dialogue is None else {"dialogue": dialogue})}
+
+
+# ---- scoring an answer ------------------------------------------------------------------------------
+
+def distinct_4grams(text: str) -> float:
+    """The share of an answer's word 4-grams that are distinct: 1.0 for no repetition, low for a loop."""
+    words = normalized(text).split()
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def is_story(text: str) -> bool:
+    """Prose, not a word list or a fragment: at least 30 words in at least 3 sentences, most lines long."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return (word_count(text) >= 30 and len(sentences(text)) >= 3
+            and sum(word_count(line) >= 5 for line in lines) >= len(lines) / 2)
+
+
+def repeats_a_sentence(text: str) -> bool:
+    """Whether a sentence of 3 or more words comes twice (case and punctuation ignored): the mark of a loop."""
+    seen = [normalized(s) for s in sentences(text) if word_count(s) >= 3]
+    return len(set(seen)) < len(seen)
+
+
+def _requested(constraints: dict[str, Any]) -> list[str]:
+    """The requested words and the name, each once; a capitalized word is a name."""
+    words = list(constraints.get("words", [])) + ([constraints["name"]] if constraints.get("name") else [])
+    return list(dict.fromkeys(words))
+
+
+def glued_words(constraints: dict[str, Any], answer: str) -> int:
+    """Requested words written onto the word before or after with no space: "aTogether", "greatSun", "ballThe"."""
+    glued = 0
+    for word in _requested(constraints):
+        capital = re.escape(word[0].upper() + word[1:])
+        glued += re.search(rf"[a-z]{capital}|(?i:{re.escape(word)})(?=[A-Z])", answer) is not None
+    return glued
+
+
+def miscased_words(constraints: dict[str, Any], answer: str) -> int:
+    """Requested words in the wrong case: a name in lower case ("lily"), a word capitalized mid-sentence
+    ("a happy Celery")."""
+    miscased = 0
+    for word in _requested(constraints):
+        if word[0].isupper():
+            miscased += re.search(rf"\b{re.escape(word.lower())}\b", answer) is not None
+            continue
+        for match in re.finditer(rf"\b{re.escape(word.capitalize())}\b", answer):
+            before = answer[:match.start()].rstrip()
+            if before and before[-1] not in '.!?"\u201c\u201d:\n':
+                miscased += 1
+                break
+    return miscased
+
+
+def first_sentence_words(constraints: dict[str, Any], answer: str) -> int:
+    """How many of the requested words (not the name) the answer's first sentence holds: a first sentence
+    stuffed with every word reads as forced."""
+    first = sentences(answer)[:1]
+    return sum(uses_word(first[0], w) for w in constraints.get("words", [])) if first else 0
+
+
+def flaws(constraints: dict[str, Any], answer: str) -> dict[str, float]:
+    """What reads as forced or broken in an answer: a repeated sentence, glued or mis-cased requested words,
+    and how many requested words its first sentence holds."""
+    return {"repeats": float(repeats_a_sentence(answer)), "glued": float(glued_words(constraints, answer) > 0),
+            "miscased": float(miscased_words(constraints, answer) > 0),
+            "first_words": float(first_sentence_words(constraints, answer))}
+
+
+def check(constraints: dict[str, Any], answer: str) -> dict[str, float]:
+    """Each constraint's score in [0, 1] for this answer: the share of requested words used, whether the
+    character is named, the answer starts or ends with the given sentence, has dialogue as asked, is as
+    short or long as asked. Case, spacing and punctuation are ignored where text is compared."""
+    scores: dict[str, float] = {}
+    if "words" in constraints:
+        scores["words"] = sum(uses_word(answer, w) for w in constraints["words"]) / len(constraints["words"])
+    if "name" in constraints:
+        scores["name"] = float(uses_word(answer, constraints["name"]))
+    if "starts" in constraints:
+        scores["starts"] = float(normalized(answer).startswith(normalized(constraints["starts"])))
+    if "ends" in constraints:
+        scores["ends"] = float(normalized(answer).endswith(normalized(constraints["ends"])))
+    if "dialogue" in constraints:
+        scores["dialogue"] = float(has_dialogue(answer) == constraints["dialogue"])
+    if "length" in constraints:
+        n = word_count(answer)
+        scores["length"] = float(n <= SHORT_WORDS if constraints["length"] == "short" else n >= LONG_WORDS)
+    return scores

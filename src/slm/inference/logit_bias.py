@@ -1,0 +1,191 @@
+"""A row's logit bias, added before sampling: the words a request names, pushed in the forms that fit where
+the text stands, and DRY's penalty on ids that would go on repeating the row's own text.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from slm.data.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:  # sampling.make_picker applies the bias, so the settings' module imports this one
+    from slm.inference.sampling import SamplingSettings
+
+
+@dataclass(frozen=True)
+class WordForms:
+    """The first ids of a requested word's written forms, by where in the text each fits: mid-sentence after a
+    space (" ball"; a name: " Lily"), a sentence's first word (" Ball"), and with no space before it, as after
+    a newline or an opening quote ("Ball"). A word never gets a form without a space after a letter: that
+    form glues onto the word before ("aTogether"). `rest`: after a form's first id, the ids that finish it
+    (" R" -> "oxy"), so that a name of several ids is written whole once begun."""
+
+    word: str
+    name: bool
+    mid: frozenset[int]
+    start: frozenset[int]
+    bare: frozenset[int]
+    rest: dict[int, tuple[int, ...]]
+
+
+Words = list[WordForms]  # the requested words of one row
+
+
+def word_forms(tokenizer: Any, words: list[str]) -> Words:
+    """Each word's WordForms. A common word keeps only first ids that hold 3 or more of its letters (all of a
+    shorter word): a first id such as " st" would push every word that starts so. A name keeps any first id,
+    as its rest follows it."""
+    result = []
+    for word in words:
+        name, capital = word[0].isupper(), word[0].upper() + word[1:]
+        rest: dict[int, tuple[int, ...]] = {}
+
+        def first_ids(text: str) -> frozenset[int]:
+            ids = tokenizer.encode(text)
+            if not name and len(tokenizer.decode(ids[:1]).strip()) < min(3, len(text.strip())):
+                return frozenset()
+            rest[ids[0]] = tuple(ids[1:])
+            return frozenset(ids[:1])
+
+        forms = WordForms(word, name, first_ids(" " + (capital if name else word)), first_ids(" " + capital),
+                          first_ids(capital), rest)
+        if forms.mid or forms.start or forms.bare:
+            result.append(forms)
+    return result
+
+
+
+# Where a token leaves the text, for the forms of a requested word that fit after it (WordForms).
+MID, START, EITHER, BARE = 0, 1, 2, 3
+# The push on the rest of a requested name once its first id is written: "R" then "oxy", never "R Emma".
+NAME_FINISH = 1e4
+# DRY's sequence breakers (llama.cpp's defaults): a repeat is not followed across a newline, colon, quote or star.
+DRY_BREAKERS = ("\n", ":", '"', "*")
+
+
+@functools.lru_cache(maxsize=1)
+def token_table(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where each id leaves the text: MID, START, EITHER or BARE; whether it holds a DRY breaker), by id."""
+    tokenizer = get_tokenizer()
+    where = torch.full((vocab_size,), MID, dtype=torch.int8)
+    breaks = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(min(vocab_size, tokenizer.vocab_size)):
+        text = tokenizer.token_bytes(i).decode("utf-8", errors="replace")
+        stripped = text.rstrip(" ")
+        if text.endswith(("\n", " ")) or text in (' "', '"', " \u201c", "\u201c"):
+            where[i] = BARE  # after a newline, a space or an opening quote, a word starts without its space
+        elif stripped.endswith((".", "!", "?")):
+            where[i] = START
+        elif stripped.endswith(('."', '!"', '?"', ".\u201d", "!\u201d", "?\u201d")):
+            where[i] = EITHER  # '"Hi!" said Tom' and '"Hi!" Tom ran.' both follow a closing quote
+        breaks[i] = any(b in text for b in DRY_BREAKERS)
+    return where, breaks
+
+
+class LogitBias:
+    """The (B, V) logit bias of each row, added before sampling: its requested words (word_bias), each in the
+    forms that fit where the text stands, and DRY's penalty (dry_multiplier) on ids that would go on repeating
+    what the row already wrote.
+
+    Words: a word's bias goes once the row writes any of its forms. Names are pushed from the first id, other
+    words only once the answer's first sentence has ended (gold stories spread their words; a bias from the
+    start stuffs them all into the first sentence), and no form ever follows a letter without a space.
+    With word_reach, a word's push applies only where its logit is already within reach of the best id's
+    (apply): the word comes where the model finds it plausible, not wherever it is due. The reach widens by
+    word_reach with each sentence the row ends, so a word that finds no natural place still comes before the
+    story is over. Names are pushed regardless (any name fits where a character comes in), and a name begun
+    is finished whatever the model would write ("R" -> "oxy").
+    DRY ("don't repeat yourself", llama.cpp's sampler): where the row's last n ids, n >= dry_allowed_length,
+    also came earlier followed by id x, x's logit drops by dry_multiplier * dry_base ** (n - allowed) for the
+    longest such n; a breaker id ends a match."""
+
+    def __init__(self, words: list[Words], settings: SamplingSettings, vocab_size: int, device: torch.device,
+                 written: list[list[int]] | None = None) -> None:
+        self.left = [list(row) for row in words]
+        self.settings = settings
+        self.where, self.breaks = token_table(vocab_size)
+        self.history: list[list[int]] = [[] for _ in words]
+        self.finishing: list[tuple[int, ...]] = [() for _ in words]  # the ids that finish a word begun
+        self.finishing_name = [False] * len(words)  # a name begun is written whole, whatever the model wants
+        self.sentences = [0] * len(words)  # sentence ends the row has written
+        self.reach = torch.full((len(words), 1), settings.word_reach, device=device)
+        self.bias = torch.zeros(len(words), vocab_size, device=device)
+        self.free = torch.zeros(len(words), vocab_size, dtype=torch.bool, device=device)  # pushes never gated
+        for row, ids in enumerate(written or []):
+            for next_id in ids:
+                self._wrote(row, next_id)
+        for row in range(len(words)):
+            self._reset(row, self.where[self.history[row][-1]].item() if self.history[row] else BARE)
+
+    def written(self, next_ids: list[int]) -> None:
+        for row, next_id in enumerate(next_ids):
+            self._wrote(row, next_id)
+            self._reset(row, self.where[next_id].item())
+
+    def _wrote(self, row: int, next_id: int) -> None:
+        self.history[row].append(next_id)
+        if self.where[next_id].item() in (START, EITHER):
+            self.sentences[row] += 1
+            self.reach[row] = self.settings.word_reach * max(1, self.sentences[row])
+        finishing = self.finishing[row]
+        self.finishing[row] = finishing[1:] if finishing[:1] == (next_id,) else ()
+        for w in self.left[row]:
+            if next_id in w.mid | w.start | w.bare:
+                self.finishing[row], self.finishing_name[row] = w.rest.get(next_id, ()), w.name
+        self.left[row] = [w for w in self.left[row] if next_id not in w.mid | w.start | w.bare]
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) with the bias added; with word_reach, a word's push only where it is within reach."""
+        if not self.settings.word_reach:
+            return logits + self.bias
+        far = logits < logits.max(dim=-1, keepdim=True).values - self.reach
+        return logits + self.bias.masked_fill(far & (self.bias > 0) & ~self.free, 0.0)
+
+    def _reset(self, row: int, where: int) -> None:
+        self.bias[row], self.free[row] = 0, False
+        if self.settings.word_bias and self.finishing[row]:
+            next_id = self.finishing[row][0]
+            self.bias[row, next_id] = NAME_FINISH if self.finishing_name[row] else self.settings.word_bias
+            self.free[row, next_id] = True
+        elif self.settings.word_bias:
+            for w in self.left[row]:
+                if not (w.name or self.sentences[row]):
+                    continue
+                forms = {MID: w.mid, START: w.start, EITHER: w.mid | w.start, BARE: w.bare}[where]
+                if forms:
+                    self.bias[row, list(forms)] = self.settings.word_bias
+                    self.free[row, list(forms)] = w.name
+        if self.settings.dry_multiplier:
+            for next_id, penalty in self._dry(self.history[row]).items():
+                self.bias[row, next_id] -= penalty
+
+    def _dry(self, history: list[int]) -> dict[int, float]:
+        """DRY's penalty by the id that would extend a repeat of the row's own text."""
+        s = self.settings
+        if len(history) < 2 or self.breaks[history[-1]]:
+            return {}
+        ids = torch.tensor(history)
+        n = len(history)
+        # ends[j]: the earlier positions j whose id is the last id; a repeat of length L ends at j.
+        ends = torch.nonzero(ids[:-1] == ids[-1]).flatten()
+        length = torch.ones_like(ends)
+        alive = torch.ones_like(ends, dtype=torch.bool)
+        for k in range(1, n):
+            back = ends - k
+            alive &= back >= 0
+            if not alive.any():
+                break
+            same = alive & (ids[back.clamp(min=0)] == ids[n - 1 - k]) & ~self.breaks[ids[n - 1 - k]]
+            length += same
+            alive = same
+        penalties: dict[int, float] = {}
+        for j, matched in zip(ends.tolist(), length.tolist()):
+            if matched >= s.dry_allowed_length:
+                follower = history[j + 1]
+                penalty = s.dry_multiplier * s.dry_base ** (matched - s.dry_allowed_length)
+                penalties[follower] = max(penalties.get(follower, 0.0), min(penalty, 1e4))
+        return penalties
