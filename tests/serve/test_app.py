@@ -506,7 +506,7 @@ def test_the_readmes_picture_of_the_page_is_shot_from_the_page_served_now(browse
     assert browser.find_elements(By.CSS_SELECTOR, ".assistant")[0].text.strip()
     picture = browser.get_screenshot_as_png()
     assert picture[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(picture[16:20], "big") == 900  # the window's width
-    docs = Path(__file__).resolve().parent.parent / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"
     partial = docs / "chat-page.png.partial"
     partial.write_bytes(picture)
     partial.replace(docs / "chat-page.png")
