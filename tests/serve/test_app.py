@@ -460,16 +460,24 @@ def browser(tmp_path):
     browser.quit()
 
 
-def test_the_chat_page_streams_an_answer_and_keeps_the_conversation(browser, url, client, tiny_run):
+def open_greedy_page(browser, url, tiny_run, max_tokens: int):
+    """The chat page, loaded and set to greedy answers of `max_tokens`; the wait to use on it."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(url)
     wait = WebDriverWait(browser, 60)
     wait.until(lambda b: tiny_run.name in b.find_element(By.ID, "model").text)
-    for field, value in (("temperature", "0"), ("max-tokens", "6")):
+    for field, value in (("temperature", "0"), ("max-tokens", str(max_tokens))):
         browser.find_element(By.ID, field).clear()
         browser.find_element(By.ID, field).send_keys(value)
+    return wait
+
+
+def test_the_chat_page_streams_an_answer_and_keeps_the_conversation(browser, url, client, tiny_run):
+    from selenium.webdriver.common.by import By
+
+    wait = open_greedy_page(browser, url, tiny_run, max_tokens=6)
     # Count the changes to the answer's text as they are made: a streamed answer grows in steps.
     browser.execute_script("window.updates = 0; new MutationObserver(() => window.updates++)"
                            ".observe(document.getElementById('log'), {subtree: true, childList: true});")
@@ -492,14 +500,8 @@ def test_the_readmes_picture_of_the_page_is_shot_from_the_page_served_now(browse
     """docs/chat-page.png is re-shot on every run of this test, a real question and the tiny run's answer,
     so the README never shows an older page than the one served."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(url)
-    wait = WebDriverWait(browser, 60)
-    wait.until(lambda b: tiny_run.name in b.find_element(By.ID, "model").text)
-    for field, value in (("temperature", "0"), ("max-tokens", "40")):
-        browser.find_element(By.ID, field).clear()
-        browser.find_element(By.ID, field).send_keys(value)
+    wait = open_greedy_page(browser, url, tiny_run, max_tokens=40)
     browser.find_element(By.ID, "input").send_keys("Write a short story about Tom and his red ball.")
     browser.find_element(By.ID, "send").click()
     wait.until(lambda b: b.find_element(By.ID, "send").text == "send" and b.find_elements(By.CSS_SELECTOR, ".assistant"))
