@@ -93,6 +93,8 @@ def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wordin
     ("Write a story that starts with a dog.", {"words": ["dog"]}),  # no sentence given: a word, not an opening
     ("A story about Sue. Leave out any spoken lines.", {"words": ["Sue"], "dialogue": False}),
     ("A story about Sue where the characters talk a lot.", {"words": ["Sue"], "dialogue": True}),
+    ("Write a story about Sue. Keep it short.", {"words": ["Sue"], "length": "short"}),
+    ("hey, a long story about a dragon please", {"words": ["dragon"], "length": "long"}),
 ])
 def test_a_request_is_read_from_its_own_words_whatever_its_wording(message, asked):
     from slm.assistant.constraints import read_request
@@ -116,3 +118,17 @@ def test_the_checker_catches_repeats_glued_and_miscased_words_and_a_stuffed_firs
     assert first_sentence_words(asked, "Lily woke up. She played with a ball.") == 0
     assert flaws(asked, STORY) == {"repeats": 0.0, "glued": 0.0, "miscased": 0.0,
                                    "first_words": float(first_sentence_words(asked, STORY))}
+
+
+@pytest.mark.parametrize("message, length", [
+    *[(m, "short") for m in PHRASINGS["short"]], *[(m, "long") for m in PHRASINGS["long"]],
+    ("Can you make the story brief?", "short"), ("It should be long, with a dragon.", "long"),
+    ("Write a short story about Max and a ball.", "short"), ("A long, long tale for my son", "long"),
+    ("Tell me a story about a girl with long hair.", None),  # what is in the story, not how long it is
+    ("A story from long ago about Tom.", None), ("Write about a short walk in the park.", None),
+    ('Start with "It was a long day." and use the word sun.', None),  # in the given sentence
+])
+def test_a_request_for_a_short_or_long_story_is_read_in_any_wording(message, length):
+    from slm.assistant.constraints import length_asked
+
+    assert length_asked(message) == length

@@ -30,6 +30,15 @@ def test_a_plan_starts_the_answer_with_the_requested_sentence_and_ends_it_with_t
     assert following.finish(ask("Write about Sam."), " Sam ran") == " Sam ran"
 
 
+def test_a_plan_asks_the_length_of_the_gold_stories_of_a_short_or_long_request():
+    from slm.data.requests import LONG_WORDS, SHORT_WORDS
+    from slm.inference.logit_bias import Length
+
+    assert ask("A story about Sue. Keep it short.").length == Length(most=SHORT_WORDS)
+    assert ask("Please write me a long one about a dragon.").length == Length(least=LONG_WORDS)
+    assert ask("A story about a dragon with a long tail.").length is None
+
+
 def test_a_candidate_that_does_what_was_asked_beats_one_that_does_not(gpt2_sized):
     plan = ask("Write a story about Lily that uses the words ball and tree.")
     good = "Lily had a ball. She sat under a tree. She was happy."

@@ -577,6 +577,41 @@ def test_word_reach_pushes_a_word_only_where_it_is_near_the_best_and_widens_with
     assert (name.apply(far) - far)[0, roxy[0]].item() == 8.0  # a name is pushed however far: any name fits
 
 
+def test_a_name_written_whole_is_never_lengthened_wherever_the_row_writes_it():
+    from slm.inference.logit_bias import NAME_FINISH, LogitBias, word_forms
+
+    tok = get_tokenizer()
+    y, s, comma = tok.encode("y")[0], tok.encode("'s")[0], tok.encode(",")[0]
+    for text in ("Once upon a time there was Toot", "Toot woke up. Toot"):  # pushed, then the model's own
+        bias = LogitBias([word_forms(tok, ["Toot"])], SamplingSettings(word_bias=8.0), 50257, torch.device("cpu"),
+                         [tok.encode(text)]).bias[0]
+        assert bias[y] == -NAME_FINISH and bias[s] == 0 and bias[comma] == 0  # "Toot's", "Toot," read fine
+    mid = LogitBias([word_forms(tok, ["Toot"])], SamplingSettings(word_bias=8.0), 50257, torch.device("cpu"),
+                    [tok.encode("Once upon a time there was a")]).bias[0]
+    assert mid[y] == 0
+
+
+def test_a_requested_length_holds_back_or_pushes_end_of_text_by_the_words_written():
+    from slm.data.requests import word_count
+    from slm.inference.logit_bias import NAME_FINISH, Length, LogitBias
+
+    tok = get_tokenizer()
+    eot = tok.eot_id
+
+    def eot_bias(text: str, length: Length) -> float:
+        row = LogitBias([[]], SamplingSettings(), 50257, torch.device("cpu"), [tok.encode(text)], [length])
+        assert row.word_count[0] == word_count(text)  # words counted as the checker counts them
+        return row.bias[0, eot].item()
+
+    story = 'Tom had a dog.\n"Let\'s play!" said Tom. They ran to the park, and it was sunny'  # 16 words
+    assert eot_bias(story + ".", Length(least=20)) == -NAME_FINISH  # too short to end
+    assert eot_bias(story + ".", Length(least=16)) == 0
+    assert eot_bias(story, Length(most=20)) == 0  # mid-sentence: never cut off
+    assert 0 < eot_bias(story + ".", Length(most=20)) < eot_bias(story + " and hot.", Length(most=20))
+    assert eot_bias(story + ".", Length(most=40)) == 0  # not yet half the limit
+    assert eot_bias(story + ".", Length(most=16)) == NAME_FINISH  # at the limit: the next sentence end ends it
+
+
 def test_dry_penalizes_the_id_that_would_extend_a_repeat_more_the_longer_the_repeat():
     from slm.inference.logit_bias import LogitBias
 

@@ -50,7 +50,7 @@ class ChatSession:
             return
         yield plan.starts
         for delta in stream(self.model, tokenizer, [conversation_ids(fitted) + plan.start_ids], self.settings,
-                            self.generator, [plan.words], written=len(plan.start_ids)):
+                            self.generator, [plan.words], written=len(plan.start_ids), lengths=[plan.length]):
             yield delta.text
 
     def say(self, text: str) -> Iterator[str]:

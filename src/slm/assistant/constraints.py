@@ -29,6 +29,12 @@ _ENDS_ASKED = re.compile(r"\b(?:end|ends|ending|finish|finishes|close|closes|clo
 _QUOTED = re.compile(r'["\u201c]([^"\u201c\u201d]{3,}?)["\u201d]')
 _TALK = re.compile(r"\b(?:dialog\w*|talk\w*|speak\w*|speech|spoken|conversations?|quotes?|says?|said|saying)\b",
                    re.IGNORECASE)
+# A length asked of the story: the word describes the story ("a short one", "Make it long.", "short and sweet"),
+# not something in it ("long hair", "a long time ago", "a short walk").
+_LENGTH_ASKED = re.compile(r"\b(?P<short>not too long|short|shorter|brief|quick|tiny)\b|\b(?P<long>long|longer|lengthy|"
+                           r"length)\b", re.IGNORECASE)
+_DESCRIBES_STORY = re.compile(r"\s*(?:[.,!?;)]|$|and\b|but\b|please\b|(?:story|stories|tale|one|version|piece|read|"
+                              r"bedtime|text|answer)\b)", re.IGNORECASE)
 _NOT = re.compile(r"\b(?:no|not|without|avoid|never|none|don't|do not|leave out|keep \w+ out|skip)\b", re.IGNORECASE)
 
 
@@ -105,15 +111,25 @@ def dialogue_asked(message: str) -> bool | None:
     return None
 
 
+def length_asked(message: str) -> str | None:
+    """"short" or "long" where a request asks for a story of that length, in words such as those of
+    _LENGTH_ASKED; None where it says nothing of length."""
+    rest = requested_sentences(message)[1]
+    for asked in _LENGTH_ASKED.finditer(rest):
+        if _DESCRIBES_STORY.match(rest, asked.end()) or asked.group("short") == "not too long":
+            return "short" if asked.group("short") else "long"
+    return None
+
+
 def read_request(message: str) -> dict[str, Any]:
     """The constraints a request's text asks for, as check() takes them: "words" (names among them:
     capitalized), "starts" / "ends" where it gives those sentences, "dialogue" where it asks for talk or
-    none. The assistant answers and picks its best candidate by these alone; the structured constraints
-    of a prompts file are for scoring."""
+    none, "length" where it asks for a short or a long story. The assistant answers and picks its best
+    candidate by these alone; the structured constraints of a prompts file are for scoring."""
     sentences_asked, _ = requested_sentences(message)
-    words, dialogue = request_words(message), dialogue_asked(message)
+    words, dialogue, length = request_words(message), dialogue_asked(message), length_asked(message)
     return {**({"words": words} if words else {}), **sentences_asked,
-            **({} if dialogue is None else {"dialogue": dialogue})}
+            **({} if dialogue is None else {"dialogue": dialogue}), **({"length": length} if length else {})}
 
 
 # ---- scoring an answer ------------------------------------------------------------------------------

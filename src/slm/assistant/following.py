@@ -1,8 +1,8 @@
 """How the assistant follows a story request: what the request asks, read from its own words, and the best of
 several answers by the checker that scores it.
 
-    plan     constraints.read_request on the newest user message: the words and names it asks for, and a
-             first or last sentence it gives, whatever its wording
+    plan     constraints.read_request on the newest user message: the words and names it asks for, a first
+             or last sentence it gives, and a short or long story, whatever its wording
     prompt   the conversation, then the requested first sentence: the answer starts with it, and the model
              goes on from there as from any opening
     finish   with a requested last sentence, the answer is cut after its last whole sentence and ends with it
@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from slm.assistant.constraints import check, flaws, read_request
-from slm.data.requests import sentences
+from slm.data.requests import LONG_WORDS, SHORT_WORDS, sentences
 from slm.data.tokenizer import Tokenizer
 from slm.inference.engine import Engine, TextDelta
-from slm.inference.logit_bias import Words, word_forms
+from slm.inference.logit_bias import Length, Words, word_forms
 from slm.inference.sampling import SamplingSettings
 from slm.model.gpt import GPT
 
@@ -44,6 +44,7 @@ class Plan:
     constraints: dict[str, Any]
     words: Words  # the requested words' forms, for settings.word_bias
     start_ids: list[int] = field(default_factory=list)  # the requested first sentence's ids, the answer's first
+    length: Length | None = None  # a short or long answer, as the gold stories of such requests are
 
     @property
     def starts(self) -> str:
@@ -58,9 +59,10 @@ class Plan:
 def plan(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> Plan:
     users = [m["content"] for m in messages if m["role"] == "user"]
     constraints = read_request(users[-1]) if users else {}
-    starts = constraints.get("starts", "")
+    starts, length = constraints.get("starts", ""), constraints.get("length")
     return Plan(constraints, word_forms(tokenizer, constraints.get("words", [])),
-                tokenizer.encode(starts) if starts else [])
+                tokenizer.encode(starts) if starts else [],
+                {"short": Length(most=SHORT_WORDS), "long": Length(least=LONG_WORDS), None: None}[length])
 
 
 def finish(plan: Plan, text: str) -> str:
@@ -159,7 +161,7 @@ def answers(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], plans: l
     for index, (ids, chat_plan) in enumerate(zip(prompts, plans)):
         for candidate in range(settings.best_of):
             engine.add(ids + chat_plan.start_ids, settings, words=chat_plan.words, owner=(index, candidate),
-                       written=len(chat_plan.start_ids))
+                       written=len(chat_plan.start_ids), length=chat_plan.length)
     texts: dict[tuple[int, int], str] = {}
     last: dict[tuple[int, int], TextDelta] = {}
     while engine.rows:

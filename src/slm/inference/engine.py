@@ -32,7 +32,7 @@ import torch
 from slm.data.tokenizer import StopText, StreamDecoder, Tokenizer
 from slm.errors import SlmError
 from slm.inference.kv_cache import SlotCache
-from slm.inference.logit_bias import LogitBias, Words
+from slm.inference.logit_bias import Length, LogitBias, Words
 from slm.inference.sampling import SamplingSettings, make_generator, make_picker
 from slm.model.gpt import GPT
 
@@ -106,10 +106,12 @@ class Engine:
         self.shared_pickers: dict[SamplingSettings, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def add(self, prompt: list[int], settings: SamplingSettings, seed: int | None = None,
-            words: Words | None = None, owner: Any = None, written: int = 0) -> Sequence:
+            words: Words | None = None, owner: Any = None, written: int = 0,
+            length: Length | None = None) -> Sequence:
         """Queue a sequence for the next step (SlmError for bad settings or an empty prompt). A prompt longer
         than the context keeps its end. The prompt's last `written` ids are the answer's own first ids (a
-        requested first sentence): the word bias and DRY count them as written."""
+        requested first sentence): the word bias and DRY count them as written. `length`: the answer's requested
+        length in words (logit_bias.Length)."""
         settings.check(self.model.config.vocab_size)
         if not prompt:
             raise SlmError("every prompt needs at least one token; end-of-text alone starts a new document")
@@ -121,9 +123,9 @@ class Engine:
         if settings.repetition_penalty != 1:
             row.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=self.device)
             row.seen[0, prompt] = True
-        if (words and settings.word_bias) or settings.dry_multiplier:
+        if (words and settings.word_bias) or settings.dry_multiplier or length:
             row.pushed = LogitBias([words or []], settings, vocab_size, self.device,
-                                   [prompt[len(prompt) - written:]] if written else None)
+                                   [prompt[len(prompt) - written:]] if written else None, [length])
         if seed is not None or row.seen is not None or row.pushed is not None:  # a picker of its own
             generator = self.generator if seed is None else make_generator(self.device, seed)
             row.pick = make_picker(self.model, settings, generator, row.seen, row.pushed)
@@ -218,14 +220,16 @@ class Engine:
 
 def stream(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,
            generator: torch.Generator | None = None, words: list[Words] | None = None,
-           written: int = 0) -> Iterator[TextDelta]:
+           written: int = 0, lengths: list[Length | None] | None = None) -> Iterator[TextDelta]:
     """Text deltas of every row (its index in prompts) as its ids arrive, until each row has finished: at
     end-of-text (not part of its text), at a stop string (nor is that) or after max_new_tokens ids. The
-    rows share `generator`; each prompt's last `written` ids are its answer's own (Engine.add). The settings
-    and prompts are checked on the call (SlmError), before anything is generated."""
+    rows share `generator`; each prompt's last `written` ids are its answer's own, `lengths` the requested
+    length of each (Engine.add). The settings and prompts are checked on the call (SlmError), before
+    anything is generated."""
     engine = Engine(model, tokenizer, len(prompts), generator)
     for row, ids in enumerate(prompts):
-        engine.add(ids, settings, words=words[row] if words else None, owner=row, written=written)
+        engine.add(ids, settings, words=words[row] if words else None, owner=row, written=written,
+                   length=lengths[row] if lengths else None)
     return _run(engine)
 
 

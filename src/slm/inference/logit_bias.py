@@ -1,12 +1,14 @@
 """A row's logit bias, added before sampling: the words a request names, pushed in the forms that fit where
-the text stands, and DRY's penalty on ids that would go on repeating the row's own text.
+the text stands; end-of-text held back or pushed for the length a request asks; and DRY's penalty on ids that
+would go on repeating the row's own text.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -33,6 +35,26 @@ class WordForms:
 
 
 Words = list[WordForms]  # the requested words of one row
+
+
+@dataclass(frozen=True)
+class Length:
+    """How long a row's answer is to be, in words: end-of-text is held back until it has `least`; from half of
+    `most` on it is pushed at each sentence end, harder as `most` nears, and past `most` the next sentence end
+    ends the answer. A story cut short mid-sentence reads worse than one a little too long."""
+
+    least: int = 0
+    most: int | None = None
+
+    def end_bias(self, words: int, at_sentence_end: bool) -> float:
+        """The bias on end-of-text after `words` words, at a sentence end or not."""
+        if words < self.least:
+            return -NAME_FINISH
+        if self.most is None or not at_sentence_end:
+            return 0.0
+        if words >= self.most:
+            return NAME_FINISH
+        return LENGTH_PUSH * max(words - self.most / 2, 0.0) / (self.most / 2)
 
 
 def word_forms(tokenizer: Any, words: list[str]) -> Words:
@@ -63,18 +85,38 @@ def word_forms(tokenizer: Any, words: list[str]) -> Words:
 MID, START, EITHER, BARE = 0, 1, 2, 3
 # The push on the rest of a requested name once its first id is written: "R" then "oxy", never "R Emma".
 NAME_FINISH = 1e4
+# The push on end-of-text at a sentence end as a short answer's word limit nears (Length.end_bias).
+LENGTH_PUSH = 8.0
 # DRY's sequence breakers (llama.cpp's defaults): a repeat is not followed across a newline, colon, quote or star.
 DRY_BREAKERS = ("\n", ":", '"', "*")
 
 
+class TokenTable(NamedTuple):
+    """What each id does to the text, by id."""
+
+    where: torch.Tensor  # where it leaves the text: MID, START, EITHER or BARE
+    breaks: torch.Tensor  # whether it holds a DRY breaker
+    glues: torch.Tensor  # whether it starts with a letter or digit: written after a word, it lengthens it
+    opens: list[bool]  # whether it starts a word whatever came before (" ball", '"Hi')
+    ends_in_word: list[bool]  # whether it ends inside a word, so that a glued id goes on with that word
+
+
+_LETTER = re.compile(r"[A-Za-z']")
+
+
 @functools.lru_cache(maxsize=1)
-def token_table(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(where each id leaves the text: MID, START, EITHER or BARE; whether it holds a DRY breaker), by id."""
+def token_table(vocab_size: int) -> TokenTable:
+    """The TokenTable of the GPT-2 vocabulary, padded to vocab_size."""
     tokenizer = get_tokenizer()
     where = torch.full((vocab_size,), MID, dtype=torch.int8)
     breaks = torch.zeros(vocab_size, dtype=torch.bool)
+    glues = torch.zeros(vocab_size, dtype=torch.bool)
+    opens, ends_in_word = [False] * vocab_size, [False] * vocab_size
     for i in range(min(vocab_size, tokenizer.vocab_size)):
         text = tokenizer.token_bytes(i).decode("utf-8", errors="replace")
+        glues[i] = text[:1].isalnum()
+        opens[i] = bool(re.match(r"[^A-Za-z']+[A-Za-z]", text))
+        ends_in_word[i] = bool(_LETTER.fullmatch(text[-1:]))
         stripped = text.rstrip(" ")
         if text.endswith(("\n", " ")) or text in (' "', '"', " \u201c", "\u201c"):
             where[i] = BARE  # after a newline, a space or an opening quote, a word starts without its space
@@ -83,12 +125,12 @@ def token_table(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         elif stripped.endswith(('."', '!"', '?"', ".\u201d", "!\u201d", "?\u201d")):
             where[i] = EITHER  # '"Hi!" said Tom' and '"Hi!" Tom ran.' both follow a closing quote
         breaks[i] = any(b in text for b in DRY_BREAKERS)
-    return where, breaks
+    return TokenTable(where, breaks, glues, opens, ends_in_word)
 
 
 class LogitBias:
     """The (B, V) logit bias of each row, added before sampling: its requested words (word_bias), each in the
-    forms that fit where the text stands, and DRY's penalty (dry_multiplier) on ids that would go on repeating
+    forms that fit where the text stands, end-of-text by its requested length, and DRY's penalty (dry_multiplier) on ids that would go on repeating
     what the row already wrote.
 
     Words: a word's bias goes once the row writes any of its forms. Names are pushed from the first id, other
@@ -97,38 +139,50 @@ class LogitBias:
     With word_reach, a word's push applies only where its logit is already within reach of the best id's
     (apply): the word comes where the model finds it plausible, not wherever it is due. The reach widens by
     word_reach with each sentence the row ends, so a word that finds no natural place still comes before the
-    story is over. Names are pushed regardless (any name fits where a character comes in), and a name begun
-    is finished whatever the model would write ("R" -> "oxy").
+    story is over. Names are pushed regardless (any name fits where a character comes in), a name begun
+    is finished whatever the model would write ("R" -> "oxy"), and a name written whole is not lengthened
+    ("Toot", never "Tooty"), wherever the row writes it.
+    Length: a row's Length holds back or pushes end-of-text by the words written so far.
     DRY ("don't repeat yourself", llama.cpp's sampler): where the row's last n ids, n >= dry_allowed_length,
     also came earlier followed by id x, x's logit drops by dry_multiplier * dry_base ** (n - allowed) for the
     longest such n; a breaker id ends a match."""
 
     def __init__(self, words: list[Words], settings: SamplingSettings, vocab_size: int, device: torch.device,
-                 written: list[list[int]] | None = None) -> None:
+                 written: list[list[int]] | None = None, lengths: list[Length | None] | None = None) -> None:
         self.left = [list(row) for row in words]
+        self.names = [[(first, *w.rest.get(first, ())) for w in row if w.name for first in w.mid | w.start | w.bare]
+                      for row in words]  # each requested name's ids, as each of its forms is written whole
+        self.lengths = lengths or [None] * len(words)
         self.settings = settings
-        self.where, self.breaks = token_table(vocab_size)
+        self.table = token_table(vocab_size)
+        eot_id = get_tokenizer().eot_id
+        self.eot_id = eot_id if eot_id < vocab_size else None
         self.history: list[list[int]] = [[] for _ in words]
         self.finishing: list[tuple[int, ...]] = [() for _ in words]  # the ids that finish a word begun
         self.finishing_name = [False] * len(words)  # a name begun is written whole, whatever the model wants
         self.sentences = [0] * len(words)  # sentence ends the row has written
+        self.word_count = [0] * len(words)  # words the row has written
         self.reach = torch.full((len(words), 1), settings.word_reach, device=device)
         self.bias = torch.zeros(len(words), vocab_size, device=device)
         self.free = torch.zeros(len(words), vocab_size, dtype=torch.bool, device=device)  # pushes never gated
+        self.glues = self.table.glues.to(device)
         for row, ids in enumerate(written or []):
             for next_id in ids:
                 self._wrote(row, next_id)
         for row in range(len(words)):
-            self._reset(row, self.where[self.history[row][-1]].item() if self.history[row] else BARE)
+            self._reset(row, self.table.where[self.history[row][-1]].item() if self.history[row] else BARE)
 
     def written(self, next_ids: list[int]) -> None:
         for row, next_id in enumerate(next_ids):
             self._wrote(row, next_id)
-            self._reset(row, self.where[next_id].item())
+            self._reset(row, self.table.where[next_id].item())
 
     def _wrote(self, row: int, next_id: int) -> None:
-        self.history[row].append(next_id)
-        if self.where[next_id].item() in (START, EITHER):
+        history = self.history[row]
+        after_word = bool(history) and self.table.ends_in_word[history[-1]]
+        self.word_count[row] += self.table.opens[next_id] or (bool(self.table.glues[next_id]) and not after_word)
+        history.append(next_id)
+        if self.table.where[next_id].item() in (START, EITHER):
             self.sentences[row] += 1
             self.reach[row] = self.settings.word_reach * max(1, self.sentences[row])
         finishing = self.finishing[row]
@@ -159,14 +213,22 @@ class LogitBias:
                 if forms:
                     self.bias[row, list(forms)] = self.settings.word_bias
                     self.free[row, list(forms)] = w.name
+        history = self.history[row]
+        if (history and self.table.ends_in_word[history[-1]]
+                and any(tuple(history[-len(name):]) == name for name in self.names[row])):
+            self.bias[row].masked_fill_(self.glues, -NAME_FINISH)  # a name written whole: "Toot", never "Tooty"
+        length = self.lengths[row]
+        if length is not None and self.eot_id is not None:
+            self.bias[row, self.eot_id] += length.end_bias(self.word_count[row], where in (START, EITHER))
+            self.free[row, self.eot_id] = True
         if self.settings.dry_multiplier:
-            for next_id, penalty in self._dry(self.history[row]).items():
+            for next_id, penalty in self._dry(history).items():
                 self.bias[row, next_id] -= penalty
 
     def _dry(self, history: list[int]) -> dict[int, float]:
         """DRY's penalty by the id that would extend a repeat of the row's own text."""
         s = self.settings
-        if len(history) < 2 or self.breaks[history[-1]]:
+        if len(history) < 2 or self.table.breaks[history[-1]]:
             return {}
         ids = torch.tensor(history)
         n = len(history)
@@ -179,7 +241,7 @@ class LogitBias:
             alive &= back >= 0
             if not alive.any():
                 break
-            same = alive & (ids[back.clamp(min=0)] == ids[n - 1 - k]) & ~self.breaks[ids[n - 1 - k]]
+            same = alive & (ids[back.clamp(min=0)] == ids[n - 1 - k]) & ~self.table.breaks[ids[n - 1 - k]]
             length += same
             alive = same
         penalties: dict[int, float] = {}

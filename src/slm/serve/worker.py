@@ -134,7 +134,7 @@ class Worker:
                 row = choice * best_of + candidate
                 seed = None if job.seed is None else (job.seed + row) % 2**64
                 self.engine.add(ids + plan.start_ids, job.settings, seed, plan.words, (job, choice, candidate),
-                                written=len(plan.start_ids))
+                                written=len(plan.start_ids), length=plan.length)
 
     def _step(self) -> None:
         for row, delta in self.engine.step():
