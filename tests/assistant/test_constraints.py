@@ -93,6 +93,9 @@ def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wordin
     ("Write a story that starts with a dog.", {"words": ["dog"]}),  # no sentence given: a word, not an opening
     ("A story about Sue. Leave out any spoken lines.", {"words": ["Sue"], "dialogue": False}),
     ("A story about Sue where the characters talk a lot.", {"words": ["Sue"], "dialogue": True}),
+    ("A story about Sam with a kite and a dog in it Use this as the opening sentence: Sam ran.",  # no "." before
+     {"words": ["Sam", "kite", "dog"], "starts": "Sam ran."}),
+    ('A story about Sam. Wrap it up with "They all slept well."', {"words": ["Sam"], "ends": "They all slept well."}),
     ("Write a story about Sue. Keep it short.", {"words": ["Sue"], "length": "short"}),
     ("hey, a long story about a dragon please", {"words": ["dragon"], "length": "long"}),
 ])

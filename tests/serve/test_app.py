@@ -396,6 +396,11 @@ def test_a_request_past_its_time_limit_ends_with_length_and_stops_decoding(tiny_
         chunks = list(client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=500,
                                                      stream=True))
         assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+        # answered whole (best of 2): what the candidates wrote by the deadline, not an empty answer
+        whole = client.chat.completions.create(model=tiny_run.name, messages=HELLO, max_tokens=500, n=2,
+                                               extra_body={"best_of": 2})
+        assert [c.finish_reason for c in whole.choices] == ["length", "length"]
+        assert all(c.message.content and set(c.message.content) <= {"a"} for c in whole.choices)
 
 
 def test_decoding_stops_when_the_client_disconnects_streaming_or_not(url, tiny_run, endless):

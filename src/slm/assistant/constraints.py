@@ -25,7 +25,8 @@ REQUEST_WORDS_LIMIT = 40  # a longer message carries text to work on (a story to
 # A sentence of a request that asks for the first or the last sentence of the story names it by one of these,
 # and gives it in quotes or after a colon: "Open with \"Tom ran.\"", "The final line should read: They slept."
 _STARTS_ASKED = re.compile(r"\b(?:start|starts|begin|begins|open|opens|opening|first|kick)\w*", re.IGNORECASE)
-_ENDS_ASKED = re.compile(r"\b(?:end|ends|ending|finish|finishes|close|closes|closing|last|final)\b", re.IGNORECASE)
+_ENDS_ASKED = re.compile(r"\b(?:end|ends|ending|finish|finishes|close|closes|closing|last|final|wrap|wraps)\b",
+                         re.IGNORECASE)
 _QUOTED = re.compile(r'["\u201c]([^"\u201c\u201d]{3,}?)["\u201d]')
 _TALK = re.compile(r"\b(?:dialog\w*|talk\w*|speak\w*|speech|spoken|conversations?|quotes?|says?|said|saying)\b",
                    re.IGNORECASE)
@@ -55,12 +56,14 @@ def requested_sentences(message: str) -> tuple[dict[str, str], str]:
     rest = message
     # A request's parts end at a sentence end; a given sentence ends one part and the next asks anew.
     for part in re.split(r"(?<=[.!?\"\u201d])\s+(?=[A-Z\"\u201c])", message):
-        asks = [key for key, asked in (("starts", _STARTS_ASKED), ("ends", _ENDS_ASKED))
-                if asked.search(part.split(":")[0]) and key not in found]
-        given = _given_sentence(part) if len(asks) == 1 else None
+        cues = [(key, cue) for key, asked in (("starts", _STARTS_ASKED), ("ends", _ENDS_ASKED))
+                if (cue := asked.search(part.split(":")[0])) and key not in found]
+        given = _given_sentence(part) if len(cues) == 1 else None
         if given:
-            found[asks[0]] = given
-            rest = rest.replace(part, " ")
+            found[cues[0][0]] = given
+            # From the cue on: a part with no sentence end before the ask ("... in it Use this as the opening
+            # sentence: ...") keeps what comes before it, the words it lists among them.
+            rest = rest.replace(part[cues[0][1].start():], " ")
     return found, rest
 
 

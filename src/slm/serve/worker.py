@@ -43,6 +43,7 @@ class Job:
     plan: following.Plan = following.Plan({}, [])  # what a chat asks (following.plan); a completion asks nothing
     deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set once nobody reads its deltas: answered, or its client has gone
+    admitted: bool = False  # its rows have joined the running batch
     # per choice, its candidates' text and last delta so far, while they decode (whole answers only)
     candidates: dict[int, dict[int, tuple[str, TextDelta | None]]] = field(default_factory=dict)
 
@@ -81,7 +82,8 @@ class Worker:
     async def results(job: Job) -> AsyncIterator[TextDelta]:
         """A submitted job's deltas as the worker sends them, until every row has its finish reason. At the
         job's deadline, rows still decoding end where they are with "length", as llama.cpp's server ends one
-        past its time limit."""
+        past its time limit; a choice answered whole gets the best of what its candidates wrote by then, which
+        the worker sends after its current step (Worker._end_late)."""
         tokens = dict.fromkeys(range(len(job.prompts)), 0)  # per row not finished, the ids it has generated
         # A marker queued at the deadline, not asyncio.wait_for around each get: before Python 3.12, wait_for
         # swallows a cancellation that meets a delta just arrived, so a client's leaving could go unnoticed.
@@ -89,6 +91,8 @@ class Worker:
         try:
             while tokens:
                 item = await job.deltas.get()
+                if item is TIME_UP and job.plan.answered_whole(job.settings):
+                    continue
                 if item is TIME_UP:
                     for row, count in sorted(tokens.items()):
                         yield TextDelta(row, "", count, "length")
@@ -113,8 +117,12 @@ class Worker:
                 arrived.append(self.inbox.get())
             if None in arrived:
                 return
-            waiting = collections.deque(job for job in [*waiting, *arrived] if not job.gone())  # some left waiting
-            for row in [row for row in engine.rows if row.owner[0].gone()]:
+            late = {job for job in [*waiting, *arrived] if job.gone()} | {row.owner[0] for row in engine.rows
+                                                                       if row.owner[0].gone()}
+            waiting = collections.deque(job for job in [*waiting, *arrived] if job not in late)  # some left waiting
+            for job in late:
+                self._guard(self._end_late, job)
+            for row in [row for row in engine.rows if row.owner[0] in late]:
                 engine.remove(row)
             # In arrival order, so a request asking for many rows is not starved by later, smaller ones.
             while waiting and waiting[0].rows <= engine.max_rows - len(engine.rows):
@@ -126,6 +134,7 @@ class Worker:
         """The job's rows join the running batch. Row r of a seeded request (choice r // best_of) samples with
         seed + r, on a generator of its own, so its text is the same whatever else is decoding."""
         plan, best_of = job.plan, job.settings.best_of
+        job.admitted = True
         for choice, ids in enumerate(job.prompts):
             if plan.starts and not plan.answered_whole(job.settings):
                 job.send(TextDelta(choice, plan.starts, 0))
@@ -149,11 +158,25 @@ class Worker:
             if len(texts) == job.settings.best_of and all(d.finish_reason for _, d in texts.values()):
                 self._send_chosen(job, choice)
 
-    def _send_chosen(self, job: Job, choice: int) -> None:
-        """The best of a choice's finished candidates, as one delta with every candidate's tokens."""
-        candidates = [job.candidates[choice][c] for c in range(job.settings.best_of)]
+    def _send_chosen(self, job: Job, choice: int, reason: str | None = None) -> None:
+        """The best of a choice's candidates, as one delta with every candidate's tokens; the choice is done.
+        `reason`: the finish reason where the candidates did not all finish (the job's time is up)."""
+        candidates = [job.candidates[choice].get(c, ("", None)) for c in range(job.settings.best_of)]
         kept, text = following.best(self.engine.model, self.engine.tokenizer, job.plan, [t for t, _ in candidates])
-        job.send(TextDelta(choice, text, sum(d.tokens for _, d in candidates), candidates[kept][1].finish_reason))
+        job.send(TextDelta(choice, text, sum(d.tokens for _, d in candidates if d),
+                           reason or candidates[kept][1].finish_reason))
+        del job.candidates[choice]
+
+    def _end_late(self, job: Job) -> None:
+        """A job whose time is up while its client waits, answered whole: each choice not yet sent gets the
+        best of what its candidates wrote so far (empty for a job that never got rows), ending with "length"."""
+        if job.cancelled or not job.plan.answered_whole(job.settings):
+            return
+        for choice in range(len(job.prompts)):
+            if choice in job.candidates:
+                self._send_chosen(job, choice, "length")
+            elif not job.admitted:
+                job.send(TextDelta(choice, "", 0, "length"))  # it waited for rows all its time
 
     def _guard(self, call, *args) -> None:
         """call(*args); an exception (a bug: requests are checked before they get here) fails the jobs with
