@@ -2,7 +2,7 @@
 
 Precedence, later wins: field defaults < `--preset NAME` < `--config FILE.toml` < command-line flags.
 Every field is also a flag (`n_layer` -> `--n-layer`); its help text lives here once and feeds `--help`,
-the TOML files written into each run, and the README's table. This module never imports torch.
+the TOML files written into each run, and the table in docs/training.md. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def config_table() -> str:
-    """Markdown table of every field, for the README."""
+    """Markdown table of every field, for docs/training.md."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for section, cls in SECTIONS.items():
         for f in fields(cls):

@@ -19,7 +19,7 @@ from slm.config import preset_names, resolve
 PIPELINES = {
     # Offline on 2 CPU cores: a few seconds of preparing, 6 minutes of training, a few stories.
     "demo": {"source": "demo", "preset": "cpu", "train": {"max_minutes": 6.0, "eval_interval": 200}},
-    # The real corpus from the hub; sized for one GPU (see the README for the expected time).
+    # The real corpus from the hub; sized for one GPU (see docs/training.md for the expected time).
     "tinystories": {"source": "tinystories", "preset": "seed", "train": {}},
 }
 PROMPTS = ("Once upon a time", "One day, a little", "Tom and his dog")

@@ -80,6 +80,12 @@ def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wordin
                          "dinosaurs, rain") == ["Max", "dinosaurs", "rain"]
     assert request_words('Story time! Character: Sue. Keywords: "jump", "blue".') == ["Sue", "jump", "blue"]
     assert request_words("Tell me a story.") == []
+    # a request that lists its words asks for those, its names and its topic, not for every word it says
+    assert request_words("my daughter wants a story tonight. the main kid is Tim, and she asked for play, found "
+                         "and sad to be in it") == ["Tim", "play", "found", "sad"]
+    assert request_words("Can u do a kids story w/ Tom? must have cookies, and fight") == ["Tom", "cookies", "fight"]
+    assert request_words("A story about a dog named Rex. Use the words ball and tree.") == ["dog", "Rex", "ball",
+                                                                                            "tree"]
     assert request_words("word " * 41) == []  # a long message holds text to work on, not a request
 
 

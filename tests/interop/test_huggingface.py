@@ -203,7 +203,7 @@ def test_exported_tokenizer_matches_slm_tokenizer(tmp_path):
     ours = get_tokenizer()
     for text in TEXTS:
         assert tokenizer(text)["input_ids"] == ours.encode(text), text
-    # A literal "<|endoftext|>" is the special id to Hugging Face, ordinary text to slm (see chat.py).
+    # A literal "<|endoftext|>" is the special id to Hugging Face, ordinary text to slm (see slm/data/template.py).
     assert tokenizer("<|endoftext|> is text")["input_ids"] == [EOT_ID] + ours.encode(" is text")
     assert tokenizer.eos_token_id == tokenizer.bos_token_id == EOT_ID
     assert tokenizer.chat_template is None  # a base model has no chat template

@@ -127,7 +127,8 @@ def wait_all_gone(launcher, processes, seconds):
 @pytest.mark.distributed
 @pytest.mark.parametrize("optimizer, sharding, resumed_on", [
     ("adamw", [], []), ("adamw", ["--fsdp"], []),
-    # optim.Muon keeps whole momentum matrices beside FSDP's shards: gathered to save, placed back on resume
+    # Muon (training.optimizers) keeps whole momentum matrices beside FSDP's shards: gathered to save, placed
+    # back on resume
     ("muon", ["--fsdp"], ["--nproc", "2", "--fsdp"]),
 ], ids=["ddp", "fsdp", "muon-fsdp-resumed-sharded"])
 def test_sigterm_to_the_launcher_stops_every_process_and_resume_continues_the_same_curve(tmp_path, tiny_data, optimizer,

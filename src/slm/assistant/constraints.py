@@ -68,9 +68,11 @@ def requested_sentences(message: str) -> tuple[dict[str, str], str]:
 
 
 # Where a request lists its words: after the last of these in a sentence ("Words to use: a, b and c",
-# "Use the words ball and tree", "mention slip, cold and tried", "Please include heard").
+# "Use the words ball and tree", "mention slip, cold and tried", "Please include heard", "asked for a, b and
+# c to be in it", "must have a, b").
 _LIST_CUE = re.compile(r"\b(?:words?|use|using|include|including|mention|keywords?|contains?|containing|"
-                       r"vocabulary|these)\b|:", re.IGNORECASE)
+                       r"vocabulary|these|for|have)\b|:", re.IGNORECASE)
+_ABOUT = re.compile(r"\b(?:about|featuring|starring)\b([^.,;:!?]*)", re.IGNORECASE)  # a story's topic
 _LIST_SPLIT = re.compile(r"\s*(?:,\s*(?:and\s+|&\s+)?|\s+(?:and|&)\s+)")
 
 
@@ -100,8 +102,12 @@ def request_words(message: str) -> list[str]:
         return []
     skip = STOPWORDS | _REQUEST_VOCABULARY | {x.lower() for x in NOT_NAMES}
     named = [w.strip("'") for w in words if len(w.strip("'")) >= 3 and w.strip("'").lower() not in skip]
+    listed = listed_words(rest)
+    if len(listed) >= 2:  # a request that lists its words asks for those, its names and what it is about,
+        topic = {w.lower() for clause in _ABOUT.findall(rest) for w in ANY_WORD.findall(clause)}
+        named = [w for w in named if w[0].isupper() or w.lower() in topic]  # not "my daughter ... tonight"
     found = [w if w[0].isupper() and w.lower() not in STOPWORDS | _REQUEST_VOCABULARY else w.lower()
-             for w in named + listed_words(rest)]
+             for w in named + listed]
     return list(dict.fromkeys(found))
 
 

@@ -1,7 +1,8 @@
 """`slm serve`: an OpenAI-compatible HTTP API and a web chat page over one model (FastAPI + uvicorn).
 
     GET  /                      the chat page (page.html): streams answers, keeps the conversation
-    GET  /health                {"status": "ok", "model": ID, "max_tokens": LIMIT, "api_key_required": BOOL}
+    GET  /health                {"status": "ok", "model": ID, "max_tokens": LIMIT, "api_key_required": BOOL,
+                                 "sampling": the run's served sampling}
     GET  /v1/models             the one model; its id is the run folder's name
     POST /v1/completions        continue a prompt (a string or a list of strings)
     POST /v1/chat/completions   answer a conversation, rendered with the chat template (data/template.py)

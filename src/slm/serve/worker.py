@@ -33,7 +33,7 @@ TIME_UP = object()  # what a job's queue gets at its deadline
 class Job:
     """One request's choices (each prompt n times) and the queue their TextDeltas go to, row = choice index.
     Each choice decodes settings.best_of candidate rows; with more than one, or a requested last sentence,
-    its text is sent whole once chosen (following.choose), as OpenAI's best_of does not stream either."""
+    its text is sent whole once chosen (following.best), as OpenAI's best_of does not stream either."""
 
     prompts: list[list[int]]
     settings: SamplingSettings
