@@ -122,7 +122,8 @@ def assistant(source: str, out: Path, max_minutes: float, preset: str, force: bo
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pipeline", choices=(*PIPELINES, "assistant"), help="which pipeline")
     p.add_argument("--out", default=None, help="run folder (default: runs/PIPELINE)")
-    p.add_argument("--data-out", default=None, help="prepared data folder (default: data/PIPELINE)")
+    p.add_argument("--data-out", default=None, help="prepared data folder of demo and tinystories "
+                   "(default: data/PIPELINE); assistant keeps its own in OUT/data")
     p.add_argument("--max-minutes", type=float, default=None, help="training time budget in minutes "
                    f"(assistant: of both stages together; default {ASSISTANT_MINUTES:g})")
     p.add_argument("--source", default=None, help="assistant: the story corpus, any source `slm prepare` takes "
