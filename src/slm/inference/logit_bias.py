@@ -130,8 +130,8 @@ def token_table(vocab_size: int) -> TokenTable:
 
 class LogitBias:
     """The (B, V) logit bias of each row, added before sampling: its requested words (word_bias), each in the
-    forms that fit where the text stands, end-of-text by its requested length, and DRY's penalty (dry_multiplier) on ids that would go on repeating
-    what the row already wrote.
+    forms that fit where the text stands, end-of-text by its requested length, and DRY's penalty
+    (dry_multiplier) on ids that would go on repeating what the row already wrote.
 
     Words: a word's bias goes once the row writes any of its forms. Names are pushed from the first id, other
     words only once the answer's first sentence has ended (gold stories spread their words; a bias from the
