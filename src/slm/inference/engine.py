@@ -15,7 +15,8 @@ A step (Engine.step):
      each at its own position.
 Ids are picked per group of rows that sample alike: unseeded rows with equal settings share one call on the
 engine's generator; a seeded row, and a row with a repetition penalty or a logit bias (words, length, DRY:
-state of its own), is picked alone, so its text depends on its own seed and history only, never on what else is decoding.
+state of its own), is picked alone, so its text depends on its own seed and history only, never on what else
+is decoding.
 A greedy row gets the same ids alone or in any batch, up to the floating-point rounding of batched
 matrix products, which the tests check does not change the text.
 """
