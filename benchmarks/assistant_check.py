@@ -9,9 +9,9 @@ The recipe and the sampling were chosen on requests made from the first 200 stor
 (`slm make-instructions`' prompts). This check uses the stories after those, and wordings written here once,
 in none of slm's phrasing lists, the way a person might ask. Each asks for the story's main character and
 three of its words; a third also give the first sentence and a third the last one, in words of their own.
-CHECK_WORDINGS were written on 2026-12-06 before any answer to them was read, and run once on the final
-recipe (FREE_WORDINGS, the check of 2026-12-02, are kept to rerun that one); their figures are reported,
-never tuned on.
+Each set was written before any answer to it was read and run once on a final recipe; its figures are
+reported, never tuned on. Once its answers are read a set is spent (the reader may have been fixed on it) and
+a new one is written: FREE_WORDINGS 2026-12-02, CHECK_WORDINGS 2026-12-06, FRESH_WORDINGS 2026-12-07.
 """
 
 from __future__ import annotations
@@ -49,6 +49,22 @@ CHECK_STARTS = ['The very first line has to be "{sentence}"', "Use this as the o
                 'Begin it exactly like this: "{sentence}"', "First sentence: {sentence}"]
 CHECK_ENDS = ['Wrap it up with "{sentence}"', "Its last sentence: {sentence}", 'Please end on: "{sentence}"',
               "Make this the closing line: {sentence}"]
+FRESH_WORDINGS = [
+    "Could you write me a kids' story? The hero is {name}. Please work in the words {words}.",
+    "{name} is the star of tonight's bedtime story. Include {words}.",
+    "write a story for my son about {name} using the words {words}",
+    "I'd love a story with a character called {name}. It should contain {words}.",
+    "Make up a fun story! {name} is in it, and so are the words {words}.",
+    "Need a children's story asap. Name: {name}. Words to include: {words}",
+    "Tell me a story starring {name} that uses {words}.",
+    "Please create a simple story for a young reader about {name}, with {words} in it.",
+]
+FRESH_STARTS = ['Start the story with: "{sentence}"', "The opening line should be: {sentence}",
+                'Kick it off with "{sentence}"', "Open with this sentence: {sentence}"]
+FRESH_ENDS = ['Finish the story with "{sentence}"', "The final line should be: {sentence}",
+              'End it like this: "{sentence}"', "Close with this sentence: {sentence}"]
+SETS = {"free": (FREE_WORDINGS, [], []), "check": (CHECK_WORDINGS, CHECK_STARTS, CHECK_ENDS),
+        "fresh": (FRESH_WORDINGS, FRESH_STARTS, FRESH_ENDS)}
 FIRST = 200  # valid.txt's first stories made the prompts the recipe was chosen on
 
 
@@ -62,16 +78,16 @@ def prompts(valid: Path, seed: int, wordings: str) -> list[dict]:
             continue
         words = rng.sample(facts.words, 3)
         constraints = {"name": facts.name, "words": words}
-        request = rng.choice(FREE_WORDINGS if wordings == "free" else CHECK_WORDINGS).format(
-            name=facts.name, words=word_list(words, rng))
-        if wordings == "check":
+        asks, starts, ends = SETS[wordings]
+        request = rng.choice(asks).format(name=facts.name, words=word_list(words, rng))
+        if starts:
             ask = rng.random()
             if ask < 1 / 3 and len(facts.sentences[0]) < 160:
                 constraints["starts"] = facts.sentences[0]
-                request += " " + rng.choice(CHECK_STARTS).format(sentence=facts.sentences[0])
+                request += " " + rng.choice(starts).format(sentence=facts.sentences[0])
             elif ask < 2 / 3 and len(facts.sentences) >= 3 and len(facts.sentences[-1]) < 160:
                 constraints["ends"] = facts.sentences[-1]
-                request += " " + rng.choice(CHECK_ENDS).format(sentence=facts.sentences[-1])
+                request += " " + rng.choice(ends).format(sentence=facts.sentences[-1])
         rows.append({"kind": "story", "wording": wordings, "constraints": constraints,
                      "messages": [{"role": "user", "content": request}, {"role": "assistant", "content": story}]})
     return rows
@@ -101,9 +117,9 @@ def main() -> int:
     parser.add_argument("sample", type=Path, help="folder with valid.txt")
     parser.add_argument("runs", nargs="*")
     parser.add_argument("--out", type=Path, required=True, help="the prompts file to write")
-    parser.add_argument("--wordings", choices=("check", "free"), default="check")
+    parser.add_argument("--wordings", choices=tuple(SETS), default="fresh")
     parser.add_argument("--answers", type=Path, help="score these answers instead of running eval-assistant")
-    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--seed", type=int, default=2027, help="2026 made the earlier sets' requests")
     args, eval_flags = parser.parse_known_args()
     rows = prompts(args.sample / "valid.txt", args.seed, args.wordings)
     args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
