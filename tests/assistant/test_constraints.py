@@ -86,6 +86,11 @@ def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wordin
     assert request_words("Can u do a kids story w/ Tom? must have cookies, and fight") == ["Tom", "cookies", "fight"]
     assert request_words("A story about a dog named Rex. Use the words ball and tree.") == ["dog", "Rex", "ball",
                                                                                             "tree"]
+    # a sentence that starts with a verb is not about a character of that name; a name mid-sentence is
+    assert request_words("Invent a story. Hero: Ben. Use cat, sun.") == ["Ben", "cat", "sun"]
+    assert request_words("Dream up a tale where Sue finds a kite.") == ["Sue", "finds", "kite"]
+    assert request_words("Max a dog? Write about Max.") == ["Max", "dog"]
+    assert request_words("Tell us one about Max the dog.") == ["Max", "dog"]
     assert request_words("word " * 41) == []  # a long message holds text to work on, not a request
 
 

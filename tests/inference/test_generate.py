@@ -612,6 +612,25 @@ def test_a_requested_length_holds_back_or_pushes_end_of_text_by_the_words_writte
     assert eot_bias(story + ".", Length(most=16)) == NAME_FINISH  # at the limit: the next sentence end ends it
 
 
+def test_end_of_text_is_pushed_at_sentence_ends_as_the_token_budget_runs_out():
+    from slm.inference.logit_bias import NAME_FINISH, Length, LogitBias
+
+    tok = get_tokenizer()
+    sentence, clause = tok.encode(" Tom ran."), tok.encode(" Tom ran")
+    settings = dataclasses.replace(SamplingSettings(), max_new_tokens=200)
+
+    def eot_bias_after(ids: list[int]) -> float:
+        row = LogitBias([[]], settings, 50257, torch.device("cpu"), None, [Length()])
+        for next_id in ids:
+            row.written([next_id])
+        return row.bias[0, tok.eot_id].item()
+
+    early, late = sentence * 40, sentence * 55  # 120 and 165 of 200 ids: 80 and 35 left
+    assert eot_bias_after(early) == 0 < eot_bias_after(sentence * 52) < eot_bias_after(late) < NAME_FINISH
+    assert eot_bias_after(sentence * 62) == NAME_FINISH  # 14 left: the sentence end ends the answer
+    assert eot_bias_after(sentence * 61 + clause) == 0  # mid-sentence: never cut off
+
+
 def test_dry_penalizes_the_id_that_would_extend_a_repeat_more_the_longer_the_repeat():
     from slm.inference.logit_bias import LogitBias
 

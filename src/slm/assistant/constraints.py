@@ -73,6 +73,10 @@ def requested_sentences(message: str) -> tuple[dict[str, str], str]:
 _LIST_CUE = re.compile(r"\b(?:words?|use|using|include|including|mention|keywords?|contains?|containing|"
                        r"vocabulary|these|for|have)\b|:", re.IGNORECASE)
 _ABOUT = re.compile(r"\b(?:about|featuring|starring)\b([^.,;:!?]*)", re.IGNORECASE)  # a story's topic
+# A sentence that starts with a verb telling what to do ("Invent a story.", "Give me one", "Dream up a tale")
+# starts it with a capital, as a name would; the object after it shows it is a verb ("Tom a ..." reads as
+# nothing). "Max the dog" is a name, so "the" is not among them.
+_IMPERATIVE = re.compile(r"(?:^|[.!?;]\s+)([A-Z][a-z']+)\s+(?:a|an|me|us|my|our|some|up|him|her|them|it|this)\b")
 _LIST_SPLIT = re.compile(r"\s*(?:,\s*(?:and\s+|&\s+)?|\s+(?:and|&)\s+)")
 
 
@@ -92,6 +96,11 @@ def listed_words(message: str) -> list[str]:
     return [w for w in words if not _TALK.fullmatch(w) and len(w) >= 2]
 
 
+def _mid_sentence_capitals(text: str) -> list[str]:
+    """The capitalized words that do not start a sentence: names, whatever else they might be."""
+    return re.findall(r"(?<![.!?;]\s)(?<!^)(?<=\s)[A-Z][a-z']+", text)
+
+
 def request_words(message: str) -> list[str]:
     """The words a short request names that an answer should use: its names and content words, in order,
     without function words, the words people ask with, the first or last sentence it gives and what it says
@@ -101,6 +110,7 @@ def request_words(message: str) -> list[str]:
     if len(words) > REQUEST_WORDS_LIMIT:
         return []
     skip = STOPWORDS | _REQUEST_VOCABULARY | {x.lower() for x in NOT_NAMES}
+    skip |= {verb.lower() for verb in _IMPERATIVE.findall(rest)} - {w.lower() for w in _mid_sentence_capitals(rest)}
     named = [w.strip("'") for w in words if len(w.strip("'")) >= 3 and w.strip("'").lower() not in skip]
     listed = listed_words(rest)
     if len(listed) >= 2:  # a request that lists its words asks for those, its names and what it is about,

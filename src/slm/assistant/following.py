@@ -44,7 +44,7 @@ class Plan:
     constraints: dict[str, Any]
     words: Words  # the requested words' forms, for settings.word_bias
     start_ids: list[int] = field(default_factory=list)  # the requested first sentence's ids, the answer's first
-    length: Length | None = None  # a short or long answer, as the gold stories of such requests are
+    length: Length = Length()  # a short or long answer, as the gold stories of such requests are
 
     @property
     def starts(self) -> str:
@@ -62,7 +62,7 @@ def plan(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> Plan:
     starts, length = constraints.get("starts", ""), constraints.get("length")
     return Plan(constraints, word_forms(tokenizer, constraints.get("words", [])),
                 tokenizer.encode(starts) if starts else [],
-                {"short": Length(most=SHORT_WORDS), "long": Length(least=LONG_WORDS), None: None}[length])
+                {"short": Length(most=SHORT_WORDS), "long": Length(least=LONG_WORDS), None: Length()}[length])
 
 
 def finish(plan: Plan, text: str) -> str:

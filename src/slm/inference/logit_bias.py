@@ -41,20 +41,27 @@ Words = list[WordForms]  # the requested words of one row
 class Length:
     """How long a row's answer is to be, in words: end-of-text is held back until it has `least`; from half of
     `most` on it is pushed at each sentence end, harder as `most` nears, and past `most` the next sentence end
-    ends the answer. A story cut short mid-sentence reads worse than one a little too long."""
+    ends the answer. Whatever was asked, the same push comes as the row's token budget (max_new_tokens) runs
+    out: a story cut short mid-sentence reads worse than one that ends a sentence or two early."""
 
     least: int = 0
     most: int | None = None
 
-    def end_bias(self, words: int, at_sentence_end: bool) -> float:
-        """The bias on end-of-text after `words` words, at a sentence end or not."""
+    def end_bias(self, words: int, at_sentence_end: bool, tokens_left: int, budget: int) -> float:
+        """The bias on end-of-text after `words` words, at a sentence end or not, with `tokens_left` of the
+        row's `budget` ids to go."""
         if words < self.least:
             return -NAME_FINISH
-        if self.most is None or not at_sentence_end:
+        if not at_sentence_end:
             return 0.0
+        push_from, end_from = min(BUDGET_PUSH, budget / 4), min(BUDGET_END, budget / 8)
+        by_budget = NAME_FINISH if tokens_left <= end_from else LENGTH_PUSH * max(
+            push_from - tokens_left, 0.0) / (push_from - end_from)
+        if self.most is None:
+            return by_budget
         if words >= self.most:
             return NAME_FINISH
-        return LENGTH_PUSH * max(words - self.most / 2, 0.0) / (self.most / 2)
+        return max(by_budget, LENGTH_PUSH * max(words - self.most / 2, 0.0) / (self.most / 2))
 
 
 def word_forms(tokenizer: Any, words: list[str]) -> Words:
@@ -85,8 +92,10 @@ def word_forms(tokenizer: Any, words: list[str]) -> Words:
 MID, START, EITHER, BARE = 0, 1, 2, 3
 # The push on the rest of a requested name once its first id is written: "R" then "oxy", never "R Emma".
 NAME_FINISH = 1e4
-# The push on end-of-text at a sentence end as a short answer's word limit nears (Length.end_bias).
+# The push on end-of-text at a sentence end as a short answer's word limit nears (Length.end_bias), and the
+# ids left of a row's budget from which it is pushed, and from which the next sentence end ends the row.
 LENGTH_PUSH = 8.0
+BUDGET_PUSH, BUDGET_END = 48, 16
 # DRY's sequence breakers (llama.cpp's defaults): a repeat is not followed across a newline, colon, quote or star.
 DRY_BREAKERS = ("\n", ":", '"', "*")
 
@@ -162,6 +171,7 @@ class LogitBias:
         self.finishing_name = [False] * len(words)  # a name begun is written whole, whatever the model wants
         self.sentences = [0] * len(words)  # sentence ends the row has written
         self.word_count = [0] * len(words)  # words the row has written
+        self.generated = [0] * len(words)  # ids it has picked (a requested first sentence is not among them)
         self.reach = torch.full((len(words), 1), settings.word_reach, device=device)
         self.bias = torch.zeros(len(words), vocab_size, device=device)
         self.free = torch.zeros(len(words), vocab_size, dtype=torch.bool, device=device)  # pushes never gated
@@ -174,6 +184,7 @@ class LogitBias:
 
     def written(self, next_ids: list[int]) -> None:
         for row, next_id in enumerate(next_ids):
+            self.generated[row] += 1
             self._wrote(row, next_id)
             self._reset(row, self.table.where[next_id].item())
 
@@ -219,7 +230,9 @@ class LogitBias:
             self.bias[row].masked_fill_(self.glues, -NAME_FINISH)  # a name written whole: "Toot", never "Tooty"
         length = self.lengths[row]
         if length is not None and self.eot_id is not None:
-            self.bias[row, self.eot_id] += length.end_bias(self.word_count[row], where in (START, EITHER))
+            budget = self.settings.max_new_tokens
+            self.bias[row, self.eot_id] += length.end_bias(self.word_count[row], where in (START, EITHER),
+                                                           budget - self.generated[row], budget)
             self.free[row, self.eot_id] = True
         if self.settings.dry_multiplier:
             for next_id, penalty in self._dry(history).items():
