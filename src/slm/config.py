@@ -149,9 +149,9 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise SlmError(f"--{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
+    def micro_batches(self, processes: int) -> int:
+        """Micro-batches each of `processes` runs per optimizer step (gradient accumulation)."""
+        return self.batch_size // (self.micro_batch_size * processes)
 
 
 # Train fields a resumed run may change: budgets, reporting and placement. Everything else would make the

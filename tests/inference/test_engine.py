@@ -95,3 +95,24 @@ def test_a_bad_row_is_refused_before_it_joins():
     with pytest.raises(SlmError, match="--top-p"):
         engine.add([1], SamplingSettings(top_p=0))
     assert not engine.rows
+
+
+def test_rows_with_logit_biases_of_their_own_pick_in_one_call_each_with_its_own_bias():
+    from slm.inference.engine import SharedPick
+    from slm.inference.logit_bias import WordForms
+
+    model, tokenizer = lively_model(10), get_tokenizer()
+    settings = dataclasses.replace(GREEDY, word_bias=30.0, dry_multiplier=0.8, repetition_penalty=1.2)
+
+    def name(token_id: int) -> list[WordForms]:  # a one-id name of the tiny vocabulary, pushed from the start
+        return [WordForms(tokenizer.decode([token_id]), True, *[frozenset({token_id})] * 3, {})]
+
+    words = {"42": name(42), "77": name(77), "none": []}
+    engine = Engine(model, tokenizer, max_rows=3)
+    for owner, forms in words.items():
+        engine.add([5, 17, 3], settings, words=forms, owner=owner)
+    assert len({row.pick for row in engine.rows}) == 1 and isinstance(engine.rows[0].pick, SharedPick)
+    texts = run(engine)
+    assert tokenizer.decode([42]) in texts["42"][0] and tokenizer.decode([77]) in texts["77"][0]
+    for owner, forms in words.items():
+        assert texts[owner] == alone(model, [5, 17, 3], settings, words=forms), owner

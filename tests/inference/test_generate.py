@@ -235,6 +235,21 @@ def test_top_p_keeps_the_smallest_set_of_most_likely_ids_that_reaches_p():
     assert torch.equal(out[0, [1, 3, 0]], logits[0, [1, 3, 0]])  # the kept logits are unchanged
 
 
+def test_top_p_keeps_the_same_ids_whether_its_nucleus_ends_among_the_likeliest_candidates_or_past_them():
+    from slm.inference.sampling import TOP_P_CANDIDATES
+
+    def sorted_nucleus(logits: torch.Tensor, p: float) -> list[set[int]]:  # the definition, by a full sort
+        probs = logits.softmax(-1)
+        order = probs.argsort(dim=-1, descending=True, stable=True)
+        before = probs.gather(-1, order).cumsum(-1) - probs.gather(-1, order)
+        return [set(row[mask].tolist()) for row, mask in zip(order, before < p)]
+
+    peaked, flat = torch.randn(2, 50257, generator=torch.Generator().manual_seed(0)) * torch.tensor([[8.0], [0.1]])
+    for logits, p in ((peaked[None], 0.9), (flat[None], 0.9), (torch.stack([peaked, flat]), 0.5)):
+        assert kept(top_p_filter(logits, p)) == sorted_nucleus(logits, p)
+    assert len(kept(top_p_filter(flat[None], 0.9))[0]) > TOP_P_CANDIDATES  # past the candidates: sorted
+
+
 def test_top_p_of_one_keeps_every_id_even_a_very_unlikely_one():
     logits = torch.tensor([[30.0, 0.0, -30.0]])
     assert torch.equal(top_p_filter(logits, 1.0), logits)
@@ -547,7 +562,7 @@ def test_a_word_bias_pushes_names_at_once_other_words_after_the_first_sentence_a
 
 
 def test_word_reach_pushes_a_word_only_where_it_is_near_the_best_and_widens_with_each_sentence():
-    from slm.inference.logit_bias import NAME_FINISH, LogitBias, word_forms
+    from slm.inference.logit_bias import FORCE, LogitBias, word_forms
 
     tok = get_tokenizer()
     ball, cat = tok.encode(" ball")[0], tok.encode(" cat")[0]
@@ -572,20 +587,20 @@ def test_word_reach_pushes_a_word_only_where_it_is_near_the_best_and_widens_with
                           [tok.encode("Lily met") + roxy[:1]])
     far = torch.zeros(1, 50257)
     far[0, cat] = 50.0
-    assert (finishing.apply(far) - far)[0, roxy[1]].item() == NAME_FINISH  # a name begun is finished
+    assert (finishing.apply(far) - far)[0, roxy[1]].item() == FORCE  # a name begun is finished
     name = LogitBias([word_forms(tok, ["Roxy"])], settings, 50257, torch.device("cpu"), [tok.encode("Once upon a")])
     assert (name.apply(far) - far)[0, roxy[0]].item() == 8.0  # a name is pushed however far: any name fits
 
 
 def test_a_name_written_whole_is_never_lengthened_wherever_the_row_writes_it():
-    from slm.inference.logit_bias import NAME_FINISH, LogitBias, word_forms
+    from slm.inference.logit_bias import FORCE, LogitBias, word_forms
 
     tok = get_tokenizer()
     y, s, comma = tok.encode("y")[0], tok.encode("'s")[0], tok.encode(",")[0]
     for text in ("Once upon a time there was Toot", "Toot woke up. Toot"):  # pushed, then the model's own
         bias = LogitBias([word_forms(tok, ["Toot"])], SamplingSettings(word_bias=8.0), 50257, torch.device("cpu"),
                          [tok.encode(text)]).bias[0]
-        assert bias[y] == -NAME_FINISH and bias[s] == 0 and bias[comma] == 0  # "Toot's", "Toot," read fine
+        assert bias[y] == -FORCE and bias[s] == 0 and bias[comma] == 0  # "Toot's", "Toot," read fine
     mid = LogitBias([word_forms(tok, ["Toot"])], SamplingSettings(word_bias=8.0), 50257, torch.device("cpu"),
                     [tok.encode("Once upon a time there was a")]).bias[0]
     assert mid[y] == 0
@@ -593,7 +608,7 @@ def test_a_name_written_whole_is_never_lengthened_wherever_the_row_writes_it():
 
 def test_a_requested_length_holds_back_or_pushes_end_of_text_by_the_words_written():
     from slm.data.requests import word_count
-    from slm.inference.logit_bias import NAME_FINISH, Length, LogitBias
+    from slm.inference.logit_bias import FORCE, Length, LogitBias
 
     tok = get_tokenizer()
     eot = tok.eot_id
@@ -604,16 +619,16 @@ def test_a_requested_length_holds_back_or_pushes_end_of_text_by_the_words_writte
         return row.bias[0, eot].item()
 
     story = 'Tom had a dog.\n"Let\'s play!" said Tom. They ran to the park, and it was sunny'  # 16 words
-    assert eot_bias(story + ".", Length(least=20)) == -NAME_FINISH  # too short to end
+    assert eot_bias(story + ".", Length(least=20)) == -FORCE  # too short to end
     assert eot_bias(story + ".", Length(least=16)) == 0
     assert eot_bias(story, Length(most=20)) == 0  # mid-sentence: never cut off
     assert 0 < eot_bias(story + ".", Length(most=20)) < eot_bias(story + " and hot.", Length(most=20))
     assert eot_bias(story + ".", Length(most=40)) == 0  # not yet half the limit
-    assert eot_bias(story + ".", Length(most=16)) == NAME_FINISH  # at the limit: the next sentence end ends it
+    assert eot_bias(story + ".", Length(most=16)) == FORCE  # at the limit: the next sentence end ends it
 
 
 def test_end_of_text_is_pushed_at_sentence_ends_as_the_token_budget_runs_out():
-    from slm.inference.logit_bias import NAME_FINISH, Length, LogitBias
+    from slm.inference.logit_bias import FORCE, Length, LogitBias
 
     tok = get_tokenizer()
     sentence, clause = tok.encode(" Tom ran."), tok.encode(" Tom ran")
@@ -626,8 +641,8 @@ def test_end_of_text_is_pushed_at_sentence_ends_as_the_token_budget_runs_out():
         return row.bias[0, tok.eot_id].item()
 
     early, late = sentence * 40, sentence * 55  # 120 and 165 of 200 ids: 80 and 35 left
-    assert eot_bias_after(early) == 0 < eot_bias_after(sentence * 52) < eot_bias_after(late) < NAME_FINISH
-    assert eot_bias_after(sentence * 62) == NAME_FINISH  # 14 left: the sentence end ends the answer
+    assert eot_bias_after(early) == 0 < eot_bias_after(sentence * 52) < eot_bias_after(late) < FORCE
+    assert eot_bias_after(sentence * 62) == FORCE  # 14 left: the sentence end ends the answer
     assert eot_bias_after(sentence * 61 + clause) == 0  # mid-sentence: never cut off
 
 

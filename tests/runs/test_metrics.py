@@ -40,11 +40,11 @@ def test_the_model_card_is_the_runs_readme_with_its_figures_and_curves(tiny_run)
 
 
 def test_progress_in_a_file_or_pipe_is_a_plain_line_every_half_minute_not_a_redraw_per_step(capsys, monkeypatch):
-    from slm.runs.metrics import Progress
+    from slm.runs.metrics import StepCounter
 
     clock = [0.0]
     monkeypatch.setattr("slm.runs.metrics.time.monotonic", lambda: clock[0])
-    with Progress(total=3000, initial=0) as progress:  # pytest's captured stderr is not a terminal
+    with StepCounter(total=3000, initial=0) as progress:  # pytest's captured stderr is not a terminal
         for step in range(3000):
             clock[0] = step * 0.2  # 10 minutes at 5 steps/s
             progress.update(3000, loss=3.0, lr=1e-3, tokens_per_s=10_000)

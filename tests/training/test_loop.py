@@ -73,7 +73,7 @@ def test_a_tiny_run_lowers_validation_loss_and_writes_its_files(tiny_run):
 
 def test_the_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_path, tiny_data):
     cfg = tiny_config(tiny_data, micro_batch_size=2, max_steps=12, eval_interval=12, warmup_steps=4)
-    assert cfg.train.grad_accum_steps == 4
+    assert cfg.train.micro_batches(processes=1) == 4
     start(cfg, tmp_path / "run")
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
     assert len(lrs) == 12

@@ -19,11 +19,10 @@ from slm.data.tokenizer import get_tokenizer
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
 from slm.inference.engine import stream
-from slm.inference.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, SamplingSettings, add_sampling_flags,
-                                    make_generator)
+from slm.inference.sampling import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, RUN_SAMPLING, SamplingSettings,
+                                    add_sampling_flags, make_generator, read_sampling)
 from slm.model.gpt import GPT
 from slm.runs.checkpoint import checkpoint_dir, load_model
-from slm.runs.files import SAMPLING_KEYS, read_sampling
 
 
 class ChatSession:
@@ -141,7 +140,7 @@ def main(args) -> int:
     folder = checkpoint_dir(args.run, args.checkpoint)
     model, cfg, _ = load_model(folder, device, pick_dtype(args.dtype, device))
     # The run's own sampling (RUN/sampling.json) where no flag is given, else the defaults of every command.
-    given = {key: getattr(args, key) for key in SAMPLING_KEYS if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in RUN_SAMPLING if getattr(args, key) is not None}
     settings = SamplingSettings(top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                                 **{"temperature": DEFAULT_TEMPERATURE, **read_sampling(args.run), **given})
     settings.check(cfg.model.vocab_size)

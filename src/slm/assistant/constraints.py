@@ -73,9 +73,8 @@ def requested_sentences(message: str) -> tuple[dict[str, str], str]:
 _LIST_CUE = re.compile(r"\b(?:words?|use|using|include|including|mention|keywords?|contains?|containing|"
                        r"vocabulary|these|for|have)\b|:", re.IGNORECASE)
 _ABOUT = re.compile(r"\b(?:about|featuring|starring)\b([^.,;:!?]*)", re.IGNORECASE)  # a story's topic
-# A sentence that starts with a verb telling what to do ("Invent a story.", "Give me one", "Dream up a tale")
-# starts it with a capital, as a name would; the object after it shows it is a verb ("Tom a ..." reads as
-# nothing). "Max the dog" is a name, so "the" is not among them.
+# A verb that starts a sentence ("Invent a story.", "Give me one", "Dream up a tale") has a capital, as a name
+# would; the object after it shows it is a verb. "Max the dog" is a name, so "the" is not among them.
 _IMPERATIVE = re.compile(r"(?:^|[.!?;]\s+)([A-Z][a-z']+)\s+(?:a|an|me|us|my|our|some|up|him|her|them|it|this)\b")
 _LIST_SPLIT = re.compile(r"\s*(?:,\s*(?:and\s+|&\s+)?|\s+(?:and|&)\s+)")
 

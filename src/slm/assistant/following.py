@@ -44,7 +44,7 @@ class Plan:
     constraints: dict[str, Any]
     words: Words  # the requested words' forms, for settings.word_bias
     start_ids: list[int] = field(default_factory=list)  # the requested first sentence's ids, the answer's first
-    length: Length = Length()  # a short or long answer, as the gold stories of such requests are
+    length: Length | None = None  # chats: a short or long answer, as the gold stories of such requests are
 
     @property
     def starts(self) -> str:

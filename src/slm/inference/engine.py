@@ -14,8 +14,8 @@ A step (Engine.step):
   3. every other sequence feeds its last id through one forward pass of the whole batch (kv_cache.SlotStep),
      each at its own position.
 Ids are picked per group of rows that sample alike: unseeded rows with equal settings share one call on the
-engine's generator; a seeded row, and a row with a repetition penalty or a logit bias (words, length, DRY:
-state of its own), is picked alone, so its text depends on its own seed and history only, never on what else
+engine's generator, each with its own repetition penalty and logit bias (words, length, DRY) where it has
+them; a seeded row is picked alone, so its text depends on its own seed and history only, never on what else
 is decoding.
 A greedy row gets the same ids alone or in any batch, up to the floating-point rounding of batched
 matrix products, which the tests check does not change the text.
@@ -33,8 +33,8 @@ import torch
 from slm.data.tokenizer import StopText, StreamDecoder, Tokenizer
 from slm.errors import SlmError
 from slm.inference.kv_cache import SlotCache
-from slm.inference.logit_bias import Length, LogitBias, Words
-from slm.inference.sampling import SamplingSettings, make_generator, make_picker
+from slm.inference.logit_bias import Length, LogitBias, Words, apply_all
+from slm.inference.sampling import SamplingSettings, make_generator, make_picker, sample_next
 from slm.model.gpt import GPT
 
 
@@ -70,6 +70,30 @@ class RowText:
         return TextDelta(row, text, tokens, reason) if text or reason else None
 
 
+Pick = Callable[[torch.Tensor, list["Sequence"]], torch.Tensor]  # rows' hidden states (B, C), the rows -> ids (B,)
+
+
+def _ignoring_rows(picker: Callable[[torch.Tensor], torch.Tensor]) -> Pick:
+    return lambda hidden, rows: picker(hidden)
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPick:
+    """The picker of unseeded rows that sample alike, each with its own repetition penalty and logit bias:
+    one head and one draw for all of them (best-of-N candidates pick together)."""
+
+    model: GPT
+    settings: SamplingSettings
+    generator: torch.Generator
+
+    def __call__(self, hidden: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+        logits = self.model.lm_head(hidden)
+        if rows[0].pushed is not None:
+            logits = apply_all([row.pushed for row in rows], logits)
+        seen = torch.cat([row.seen for row in rows]) if rows[0].seen is not None else None
+        return sample_next(logits, self.settings, self.generator, seen)
+
+
 @dataclass(eq=False)
 class Sequence:
     """One row of the running batch: its context, how it picks, and its text so far."""
@@ -78,7 +102,7 @@ class Sequence:
     settings: SamplingSettings
     text: RowText | None  # None for ids alone (generate.decode): the row ends after max_new_tokens
     owner: Any  # what the caller ties the row to (slm serve: the request and the choice)
-    pick: Callable[[torch.Tensor], torch.Tensor] | None = None  # rows with the same picker are picked in one call
+    pick: Pick | None = None  # rows with the same picker are picked in one call
     seen: torch.Tensor | None = None  # (1, V): ids of its prompt and output, for the repetition penalty
     pushed: LogitBias | None = None  # its requested words' and DRY's logit bias
     cached: int = 0  # ids of `context` in its slot; 0 until prefilled
@@ -104,7 +128,7 @@ class Engine:
         self.device = self.model.transformer.wte.weight.device
         self.cache = SlotCache(self.model, self.max_rows)
         self.generator = self.generator or make_generator(self.device, None)
-        self.shared_pickers: dict[SamplingSettings, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.shared_pickers: dict[tuple[SamplingSettings, bool, bool], Pick] = {}
 
     def add(self, prompt: list[int], settings: SamplingSettings, seed: int | None = None,
             words: Words | None = None, owner: Any = None, written: int = 0,
@@ -127,14 +151,16 @@ class Engine:
         if (words and settings.word_bias) or settings.dry_multiplier or length:
             row.pushed = LogitBias([words or []], settings, vocab_size, self.device,
                                    [prompt[len(prompt) - written:]] if written else None, [length])
-        if seed is not None or row.seen is not None or row.pushed is not None:  # a picker of its own
-            generator = self.generator if seed is None else make_generator(self.device, seed)
-            row.pick = make_picker(self.model, settings, generator, row.seen, row.pushed)
+        if seed is not None:  # a picker of its own
+            alone = make_picker(self.model, settings, make_generator(self.device, seed), row.seen, row.pushed)
+            row.pick = lambda hidden, rows: alone(hidden)
         else:  # the engine's, shared by every unseeded row that samples alike
             sampling = dataclasses.replace(settings, max_new_tokens=1, stop=())  # where a row ends is not picking
-            if sampling not in self.shared_pickers:
-                self.shared_pickers[sampling] = make_picker(self.model, sampling, self.generator, None)
-            row.pick = self.shared_pickers[sampling]
+            key = (sampling, row.seen is not None, row.pushed is not None)
+            if key not in self.shared_pickers:
+                self.shared_pickers[key] = (SharedPick(self.model, sampling, self.generator) if key[1] or key[2]
+                                            else _ignoring_rows(make_picker(self.model, sampling, self.generator, None)))
+            row.pick = self.shared_pickers[key]
         self.rows.append(row)
         return row
 
@@ -206,16 +232,16 @@ class Engine:
 
     def _pick(self, rows: list[Sequence], hidden: torch.Tensor) -> torch.Tensor:
         """The next id of each row from its hidden state (len(rows), C), a call per group that samples alike."""
-        groups: dict[Callable[[torch.Tensor], torch.Tensor], list[int]] = {}
+        groups: dict[Pick, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row.pick, []).append(i)
         if len(groups) == 1:  # the common case: no gather, no scatter
             (pick, _), = groups.items()
-            return pick(hidden)
+            return pick(hidden, rows)
         next_ids = torch.empty(len(rows), dtype=torch.long, device=self.device)
         for pick, members in groups.items():
             at = torch.tensor(members, device=self.device)
-            next_ids[at] = pick(hidden[at])
+            next_ids[at] = pick(hidden[at], [rows[i] for i in members])
         return next_ids
 
 

@@ -41,8 +41,9 @@ Words = list[WordForms]  # the requested words of one row
 class Length:
     """How long a row's answer is to be, in words: end-of-text is held back until it has `least`; from half of
     `most` on it is pushed at each sentence end, harder as `most` nears, and past `most` the next sentence end
-    ends the answer. Whatever was asked, the same push comes as the row's token budget (max_new_tokens) runs
-    out: a story cut short mid-sentence reads worse than one that ends a sentence or two early."""
+    ends the answer. Whatever was asked, the same push comes as a budget of room for a story (max_new_tokens of
+    2 * BUDGET_PUSH or more) runs out: a story cut short mid-sentence reads worse than one that ends a sentence
+    or two early."""
 
     least: int = 0
     most: int | None = None
@@ -51,17 +52,15 @@ class Length:
         """The bias on end-of-text after `words` words, at a sentence end or not, with `tokens_left` of the
         row's `budget` ids to go."""
         if words < self.least:
-            return -NAME_FINISH
+            return -FORCE
         if not at_sentence_end:
             return 0.0
-        push_from, end_from = min(BUDGET_PUSH, budget / 4), min(BUDGET_END, budget / 8)
-        by_budget = NAME_FINISH if tokens_left <= end_from else LENGTH_PUSH * max(
-            push_from - tokens_left, 0.0) / (push_from - end_from)
-        if self.most is None:
-            return by_budget
-        if words >= self.most:
-            return NAME_FINISH
-        return max(by_budget, LENGTH_PUSH * max(words - self.most / 2, 0.0) / (self.most / 2))
+        if budget < 2 * BUDGET_PUSH:  # no room for a story: the caller asked for a cut
+            tokens_left = BUDGET_PUSH
+        if tokens_left <= BUDGET_END or (self.most is not None and words >= self.most):
+            return FORCE
+        by_words = 0.0 if self.most is None else max(words - self.most / 2, 0.0) / (self.most / 2)
+        return LENGTH_PUSH * max(by_words, (BUDGET_PUSH - tokens_left) / (BUDGET_PUSH - BUDGET_END))
 
 
 def word_forms(tokenizer: Any, words: list[str]) -> Words:
@@ -90,8 +89,9 @@ def word_forms(tokenizer: Any, words: list[str]) -> Words:
 
 # Where a token leaves the text, for the forms of a requested word that fit after it (WordForms).
 MID, START, EITHER, BARE = 0, 1, 2, 3
-# The push on the rest of a requested name once its first id is written: "R" then "oxy", never "R Emma".
-NAME_FINISH = 1e4
+# A push no logit outweighs: the rest of a requested name once its first id is written ("R" then "oxy", never
+# "R Emma"), end-of-text past an answer's length, and (negated) what would lengthen a name written whole.
+FORCE = 1e4
 # The push on end-of-text at a sentence end as a short answer's word limit nears (Length.end_bias), and the
 # ids left of a row's budget from which it is pushed, and from which the next sentence end ends the row.
 LENGTH_PUSH = 8.0
@@ -205,16 +205,13 @@ class LogitBias:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) with the bias added; with word_reach, a word's push only where it is within reach."""
-        if not self.settings.word_reach:
-            return logits + self.bias
-        far = logits < logits.max(dim=-1, keepdim=True).values - self.reach
-        return logits + self.bias.masked_fill(far & (self.bias > 0) & ~self.free, 0.0)
+        return apply_all([self], logits)
 
     def _reset(self, row: int, where: int) -> None:
         self.bias[row], self.free[row] = 0, False
         if self.settings.word_bias and self.finishing[row]:
             next_id = self.finishing[row][0]
-            self.bias[row, next_id] = NAME_FINISH if self.finishing_name[row] else self.settings.word_bias
+            self.bias[row, next_id] = FORCE if self.finishing_name[row] else self.settings.word_bias
             self.free[row, next_id] = True
         elif self.settings.word_bias:
             for w in self.left[row]:
@@ -227,7 +224,7 @@ class LogitBias:
         history = self.history[row]
         if (history and self.table.ends_in_word[history[-1]]
                 and any(tuple(history[-len(name):]) == name for name in self.names[row])):
-            self.bias[row].masked_fill_(self.glues, -NAME_FINISH)  # a name written whole: "Toot", never "Tooty"
+            self.bias[row].masked_fill_(self.glues, -FORCE)  # a name written whole: "Toot", never "Tooty"
         length = self.lengths[row]
         if length is not None and self.eot_id is not None:
             budget = self.settings.max_new_tokens
@@ -264,3 +261,14 @@ class LogitBias:
                 penalty = s.dry_multiplier * s.dry_base ** (matched - s.dry_allowed_length)
                 penalties[follower] = max(penalties.get(follower, 0.0), min(penalty, 1e4))
         return penalties
+
+
+def apply_all(biases: list[LogitBias], logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) with each row's bias added, its LogitBias in `biases` (of one sampling, one row each or
+    all rows of one), in one pass over the batch."""
+    bias = torch.cat([b.bias for b in biases])
+    if not biases[0].settings.word_reach:
+        return logits + bias
+    free, reach = torch.cat([b.free for b in biases]), torch.cat([b.reach for b in biases])
+    far = logits < logits.max(dim=-1, keepdim=True).values - reach
+    return logits + bias.masked_fill(far & (bias > 0) & ~free, 0.0)

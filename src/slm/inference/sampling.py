@@ -7,17 +7,21 @@ state into next ids. A compact head samples its class, then the id (CompactSampl
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from slm.errors import SlmError
 from slm.inference.logit_bias import LogitBias
 from slm.model.gpt import GPT, CompactHead
+from slm.runs.files import SAMPLING_FILE
 
 MAX_NEW_TOKENS = 100_000
 MAX_BEST_OF = 16
+TOP_P_CANDIDATES = 256  # top_p_filter looks for the nucleus among these first
 # The sampling defaults of every command (generate, chat, eval-assistant's --max-new-tokens, training's
 # samples). SamplingSettings' own temperature stays 1, the model's plain distribution, for library callers.
 DEFAULT_TEMPERATURE = 0.8  # a little sharper than the model's own distribution: fewer stray words
@@ -101,6 +105,30 @@ class SamplingSettings:
             raise SlmError("--stop must not be empty: every text contains the empty string")
 
 
+# The settings a run's sampling.json may choose: how it picks, not how long it writes or where it stops.
+RUN_SAMPLING = ("temperature", "top_p", "repetition_penalty", "word_bias", "word_reach", "dry_multiplier", "best_of")
+
+
+def read_sampling(run: str | Path) -> dict[str, float]:
+    """RUN/sampling.json: the sampling a run is served with by default (`slm run assistant` writes the measured
+    choice there), held to SamplingSettings.check's bounds; {} when the run has none. A flag or a request's own
+    value wins over it."""
+    path = Path(run) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict) or not set(values) <= set(RUN_SAMPLING):
+            raise ValueError(f"keys must be some of {', '.join(RUN_SAMPLING)}")
+        if bad := [k for k, v in values.items() if type(v) not in (int, float) or k == "best_of" and v != int(v)]:
+            raise ValueError(f"{bad[0]} must be a number" + (", a whole one" if bad[0] == "best_of" else ""))
+        chosen = {key: int(value) if key == "best_of" else float(value) for key, value in values.items()}
+        SamplingSettings(**chosen).check(vocab_size=1)  # top_k, the one bound by the vocabulary, is not here
+    except (ValueError, SlmError) as err:
+        raise SlmError(f"{path} is not valid ({err}); fix or delete it") from None
+    return chosen
+
+
 # ---- sampling filters: pure functions on logits (B, V), composed by sample_next --------------------------------
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -122,11 +150,16 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probability reaches p, and at least the most likely one; the rest -inf. p = 1 keeps every id."""
     if p >= 1:
         return logits  # the rounding of a cumulative sum could otherwise drop the least likely ids
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
+    # The nucleus is a prefix of the ids by probability: found among the TOP_P_CANDIDATES likeliest (a top-k
+    # is ~35x faster than sorting 50k ids on a CPU) wherever it ends among them, else by sorting every id.
+    sorted_logits, order = logits.topk(min(TOP_P_CANDIDATES, logits.size(-1)), dim=-1)  # (B, <= V)
+    probs = (sorted_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    if sorted_logits.size(-1) < logits.size(-1) and not (probs.sum(dim=-1) >= p).all():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability of the more likely ids: exactly 0 for the first
     kept = sorted_logits.masked_fill(before >= p, float("-inf"))
-    return torch.empty_like(logits).scatter(-1, order, kept)
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

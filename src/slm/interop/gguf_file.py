@@ -9,7 +9,7 @@ from slm.data.tokenizer import get_tokenizer, vocab_files
 from slm.errors import SlmError
 from slm.interop.huggingface import LAYER_NORM_EPS, check_exportable, export_state, table
 from slm.runs.checkpoint import TIED_HEAD, checkpoint_dir, load_model
-from slm.runs.files import write_atomically
+from slm.runs.files import write_output
 
 # A compact head's expanded rows carry log q(id), about -11, through a dot product whose other terms have the
 # embedding's scale: rounded like the other weights they moved logits 5 to 6 times more than a full head's do
@@ -74,5 +74,5 @@ def export_gguf(run: str | Path, out: str | Path, which: str = "best", outtype: 
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    write_atomically(out, force, write)
+    write_output(out, force, write)
     return out

@@ -30,7 +30,7 @@ from slm.errors import SlmError
 from slm.model.gpt import GPT, CompactHead
 from slm.runs import checkpoint
 from slm.runs.card import hub_card
-from slm.runs.files import write_atomically, write_text_atomic
+from slm.runs.files import write_output, write_text_atomic
 from slm.runs.plot import CURVES
 
 GLOBAL = [("transformer.wte.weight", "token_embd.weight", False),
@@ -220,7 +220,7 @@ def export_hf(run: str | Path, out: str | Path, which: str = "best", force: bool
         write_hf_folder(model, tmp, chat=(run / "finetune.json").is_file(), card=card)
         if (run / CURVES).is_file():  # the card shows it
             shutil.copyfile(run / CURVES, tmp / CURVES)
-    write_atomically(out, force, write)
+    write_output(out, force, write)
     return out
 
 

@@ -120,7 +120,7 @@ def rewind_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
-def write_atomically(out: Path, force: bool, write) -> None:
+def write_output(out: Path, force: bool, write) -> None:
     """`write(tmp)` builds the folder or file, which then replaces `out` whole (atomic_path)."""
     if out.exists() and not force:
         raise SlmError(f"{out} already exists; pass --force to replace it or choose another --out")
@@ -143,26 +143,3 @@ class MetricsLog:
 
 
 SAMPLING_FILE = "sampling.json"
-SAMPLING_KEYS = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "repetition_penalty": (1e-9, 10.0),
-                 "word_bias": (0.0, 100.0), "word_reach": (0.0, 100.0), "dry_multiplier": (0.0, 100.0), "best_of": (1, 16)}
-
-
-def read_sampling(run: str | Path) -> dict[str, float]:
-    """RUN/sampling.json: the sampling a run is served with by default (`slm run assistant` writes the measured
-    choice there); {} when the run has none. A flag or a request's own value wins over it."""
-    path = Path(run) / SAMPLING_FILE
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(values, dict) or not set(values) <= set(SAMPLING_KEYS):
-            raise ValueError(f"keys must be some of {', '.join(SAMPLING_KEYS)}")
-        for key, value in values.items():
-            low, high = SAMPLING_KEYS[key]
-            if not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ValueError(f"{key} must be a number in [{low:g}, {high:g}]")
-            if key == "best_of" and value != int(value):
-                raise ValueError("best_of must be a whole number")
-    except ValueError as err:
-        raise SlmError(f"{path} is not valid ({err}); fix or delete it") from None
-    return {key: int(value) if key == "best_of" else float(value) for key, value in values.items()}

@@ -80,7 +80,7 @@ class RunLog:
         (self.run_dir / PID_FILE).unlink(missing_ok=True)
 
 
-class Progress:
+class StepCounter:
     """The step counter on stderr. On a terminal, a live bar; in a file or a pipe, one plain line every
     LINE_SECONDS (a bar's carriage-return redraw per step would fill a 10-minute log with thousands)."""
 
@@ -106,7 +106,7 @@ class Progress:
             print(f"step {self.step:,}/{total:,} | loss {loss:.3f} | lr {lr:.2e} | {tokens_per_s:,.0f} tokens/s | "
                   f"{left} left", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> StepCounter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

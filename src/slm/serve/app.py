@@ -56,10 +56,9 @@ from slm.data.template import check_messages, conversation_ids, fit_for_answer
 from slm.data.tokenizer import get_tokenizer
 from slm.device import pick_device, pick_dtype
 from slm.errors import SlmError
-from slm.inference.sampling import SamplingSettings
+from slm.inference.sampling import RUN_SAMPLING, SamplingSettings, read_sampling
 from slm.model.gpt import GPT
 from slm.runs.checkpoint import checkpoint_dir, load_model
-from slm.runs.files import SAMPLING_KEYS, read_sampling
 from slm.serve.schema import (ApiError, BodyLimit, ChatRequest, CompletionRequest, Limits, Sampling, busy,
                               generation_failed, invalid_body)
 from slm.serve.worker import Job, Worker
@@ -75,7 +74,7 @@ class Server:
                  sampling: dict[str, float] = {}) -> None:  # noqa: B006 (read, never changed)
         self.model, self.model_id, self.created, self.limits = model, model_id, created, limits
         # what a request that leaves a setting out gets: the run's measured choice, else OpenAI's default
-        self.sampling = {key: getattr(SamplingSettings(), key) for key in SAMPLING_KEYS} | sampling
+        self.sampling = {key: getattr(SamplingSettings(), key) for key in RUN_SAMPLING} | sampling
         self.tokenizer = get_tokenizer()
         self.worker = Worker(model, self.tokenizer, limits.max_batch)
         self.jobs: list[Job] = []  # submitted, decoding or waiting; pruned of those gone at each submit

@@ -37,7 +37,7 @@ from slm.model.gpt import GPT, IGNORE_INDEX
 from slm.runs import checkpoint
 from slm.runs.files import rewind_metrics, write_text_atomic
 from slm.runs.listing import duration
-from slm.runs.metrics import Progress, RunLog
+from slm.runs.metrics import RunLog, StepCounter
 from slm.training import distributed
 from slm.training.launch import StopOnSignal, launch
 from slm.training.optimizers import build_optimizers, set_learning_rate
@@ -169,7 +169,7 @@ class Loop:
     bytes_per_token: float | None  # of the validation text, for bits per byte; None without a prepared folder
     steps: int  # the step budget
     log: RunLog
-    progress: Progress
+    progress: StepCounter
     clock_start: float = 0.0  # time.perf_counter() when the run began, earlier processes' wall time included
 
     def finished(self) -> bool:
@@ -182,7 +182,7 @@ class Loop:
         started = time.perf_counter()
         lr = learning_rate(state.step, decay_progress(state, t, self.steps), t)
         set_learning_rate(trainer.optimizers, lr, t)
-        accum = t.batch_size // (t.micro_batch_size * self.world.world_size)
+        accum = t.micro_batches(self.world.world_size)
         tokens = t.batch_size * self.cfg.model.block_size  # per step, over all processes
         loss = accumulate(trainer.trained, self.batches(state.step), self.device, self.dtype, trainer.scaler,
                           self.world, dropout_seeds(t.seed, state.step, self.world, accum))
@@ -301,13 +301,13 @@ def set_up(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | N
         f"{cfg.model.n_embd} wide, context {cfg.model.block_size} | device {device}, {str(dtype).split('.')[-1]}"
         + (f" | {world.world_size} processes" if world.distributed else ""))
     say(world, f"batch: {t.batch_size} sequences x {cfg.model.block_size} tokens = {tokens_per_step:,} tokens per "
-        f"step = {world.world_size} process(es) x {t.batch_size // (t.micro_batch_size * world.world_size)} "
+        f"step = {world.world_size} process(es) x {t.micro_batches(world.world_size)} "
         f"micro-batches of {t.micro_batch_size} | up to {steps:,} steps"
         + (f" or {t.max_minutes:g} minutes" if t.max_minutes else ""))
     return Loop(cfg, run_dir, world, device, dtype, trainer, state, batches, val_batches,
                 validation["bytes"] / max(validation["tokens"], 1) if meta else None, steps,
                 RunLog(run_dir, cfg, model.num_parameters(), state.step, enabled=world.is_main),
-                Progress(expected_steps(state, t, steps), state.step, enabled=world.is_main))
+                StepCounter(expected_steps(state, t, steps), state.step, enabled=world.is_main))
 
 
 def train(cfg: Config, run_dir: Path, batches: Callable[[int], list[Batch]] | None = None,
