@@ -199,8 +199,9 @@ class CompactHead(nn.Module):
         return x @ self.output_matrix()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits (B, T, V) whose softmax is exactly the head's distribution."""
-        return self.class_logits(x)[..., self.class_of] + self.log_q
+        """Full-vocabulary logits (B, T, V) whose softmax is exactly the head's distribution. index_select, not
+        [..., class_of]: 0.14 against 0.37 ms at (4, 4097) -> (4, 50257) on a 2-core Zen 5."""
+        return torch.index_select(self.class_logits(x), -1, self.class_of) + self.log_q
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean of -log p(target) over targets that are not IGNORE_INDEX, without the (B, T, V) logits."""
