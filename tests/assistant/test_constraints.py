@@ -91,6 +91,7 @@ def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wordin
     assert request_words("Dream up a tale where Sue finds a kite.") == ["Sue", "finds", "kite"]
     assert request_words("Max a dog? Write about Max.") == ["Max", "dog"]
     assert request_words("Tell us one about Max the dog.") == ["Max", "dog"]
+    assert request_words("The hero is Ed. Use cat, sun. So go on.") == ["Ed", "cat", "sun"]
     assert request_words("word " * 41) == []  # a long message holds text to work on, not a request
 
 

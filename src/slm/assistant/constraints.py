@@ -109,8 +109,10 @@ def request_words(message: str) -> list[str]:
     if len(words) > REQUEST_WORDS_LIMIT:
         return []
     skip = STOPWORDS | _REQUEST_VOCABULARY | {x.lower() for x in NOT_NAMES}
-    skip |= {verb.lower() for verb in _IMPERATIVE.findall(rest)} - {w.lower() for w in _mid_sentence_capitals(rest)}
-    named = [w.strip("'") for w in words if len(w.strip("'")) >= 3 and w.strip("'").lower() not in skip]
+    capitals = set(_mid_sentence_capitals(rest))  # names, two letters long ones too ("The hero is Ed.")
+    skip |= {verb.lower() for verb in _IMPERATIVE.findall(rest)} - {w.lower() for w in capitals}
+    named = [w.strip("'") for w in words
+             if (len(w.strip("'")) >= 3 or w in capitals) and w.strip("'").lower() not in skip]
     listed = listed_words(rest)
     if len(listed) >= 2:  # a request that lists its words asks for those, its names and what it is about,
         topic = {w.lower() for clause in _ABOUT.findall(rest) for w in ANY_WORD.findall(clause)}
