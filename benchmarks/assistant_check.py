@@ -11,7 +11,8 @@ in none of slm's phrasing lists, the way a person might ask. Each asks for the s
 three of its words; a third also give the first sentence and a third the last one, in words of their own.
 Each set was written before any answer to it was read and run once on a final recipe; its figures are
 reported, never tuned on. Once its answers are read a set is spent (the reader may have been fixed on it) and
-a new one is written: FREE_WORDINGS 2026-12-02, CHECK_WORDINGS 2026-12-06, FRESH_WORDINGS 2026-12-07.
+a new one is written: FREE_WORDINGS 2026-12-02, CHECK_WORDINGS 2026-12-06, FRESH_WORDINGS 2026-12-07 (read the
+same day: the greedy figures missed the goal, and greedy best-of followed) and LATER_WORDINGS after it.
 """
 
 from __future__ import annotations
@@ -63,8 +64,22 @@ FRESH_STARTS = ['Start the story with: "{sentence}"', "The opening line should b
                 'Kick it off with "{sentence}"', "Open with this sentence: {sentence}"]
 FRESH_ENDS = ['Finish the story with "{sentence}"', "The final line should be: {sentence}",
               'End it like this: "{sentence}"', "Close with this sentence: {sentence}"]
+LATER_WORDINGS = [
+    "So my kid loves {name}. Can you do a story with them, and put {words} in it?",
+    "Story please: {name} as the main character, words {words}",
+    "Write a bedtime tale. The little one in it is named {name}; it has to say {words} somewhere.",
+    "Hi! I want a happy story about {name}. Can it have {words}?",
+    "{name} needs a story. Words: {words}.",
+    "Give me a tale for kids where {name} does something fun. Use {words}, please.",
+    "A story, not too scary, about {name}. Remember to use the words {words}.",
+    "Could you tell a story for little kids? It should be about {name} and needs {words}.",
+]
+LATER_STARTS = ['Have it begin with "{sentence}"', "Use this first sentence: {sentence}",
+                'The story should open like this: "{sentence}"', "Begin with these words: {sentence}"]
+LATER_ENDS = ['Have it end with "{sentence}"', "Use this last sentence: {sentence}",
+              'The story should finish like this: "{sentence}"', "The ending sentence must be: {sentence}"]
 SETS = {"free": (FREE_WORDINGS, [], []), "check": (CHECK_WORDINGS, CHECK_STARTS, CHECK_ENDS),
-        "fresh": (FRESH_WORDINGS, FRESH_STARTS, FRESH_ENDS)}
+        "fresh": (FRESH_WORDINGS, FRESH_STARTS, FRESH_ENDS), "later": (LATER_WORDINGS, LATER_STARTS, LATER_ENDS)}
 FIRST = 200  # valid.txt's first stories made the prompts the recipe was chosen on
 
 
@@ -117,9 +132,9 @@ def main() -> int:
     parser.add_argument("sample", type=Path, help="folder with valid.txt")
     parser.add_argument("runs", nargs="*")
     parser.add_argument("--out", type=Path, required=True, help="the prompts file to write")
-    parser.add_argument("--wordings", choices=tuple(SETS), default="fresh")
+    parser.add_argument("--wordings", choices=tuple(SETS), default="later")
     parser.add_argument("--answers", type=Path, help="score these answers instead of running eval-assistant")
-    parser.add_argument("--seed", type=int, default=2027, help="2026 made the earlier sets' requests")
+    parser.add_argument("--seed", type=int, default=2028, help="2026 made free's and check's requests, 2027 fresh's")
     args, eval_flags = parser.parse_known_args()
     rows = prompts(args.sample / "valid.txt", args.seed, args.wordings)
     args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))

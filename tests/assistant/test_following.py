@@ -5,6 +5,7 @@ import torch
 
 from slm.assistant import following
 from slm.config import ModelConfig
+from slm.data.template import conversation_ids
 from slm.data.tokenizer import get_tokenizer
 from slm.inference.engine import Engine
 from slm.inference.sampling import SamplingSettings
@@ -107,3 +108,25 @@ def test_best_of_is_checked(gpt2_sized):
         dataclasses.replace(SamplingSettings(), best_of=0).check(50257)
     assert SamplingSettings(temperature=0, best_of=4).best_of == 1  # greedy candidates would all be the same
     assert SamplingSettings(temperature=0.7, best_of=4).best_of == 4
+
+
+def test_greedy_candidates_reach_further_for_the_words_and_penalize_repeats_harder():
+    greedy = SamplingSettings(temperature=0, word_bias=8, word_reach=2, dry_multiplier=0.8, best_of=3)
+    assert greedy.best_of == 3  # they differ, so there is something to choose from
+    assert [(s.word_reach, s.dry_multiplier) for s in (following.candidate_settings(greedy, c) for c in range(3))] == [
+        (2, 0.8), (4, 1.6), (6, pytest.approx(2.4))]
+    sampled = SamplingSettings(temperature=0.7, word_reach=2, best_of=3)
+    assert all(following.candidate_settings(sampled, c) == sampled for c in range(3))  # their draws differ
+
+
+def test_a_greedy_best_of_answers_the_same_each_time_with_the_candidate_the_checker_prefers(gpt2_sized):
+    tok = get_tokenizer()
+    messages = [{"role": "user", "content": "Write a story about Tom. Use the words ball and tree."}]
+    plan = following.plan(tok, messages)
+    settings = SamplingSettings(temperature=0, word_bias=8, word_reach=2, dry_multiplier=0.8, best_of=3,
+                                max_new_tokens=24)
+    ids = conversation_ids(messages)
+    first, again = (following.answers(gpt2_sized, tok, [ids], [plan], settings)[0].text for _ in range(2))
+    candidates = [following.answers(gpt2_sized, tok, [ids], [plan], following.candidate_settings(
+        dataclasses.replace(settings, best_of=1), c))[0].text for c in range(3)]
+    assert first == again and first == candidates[following.choose(gpt2_sized, tok, plan, candidates)]

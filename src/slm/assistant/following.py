@@ -50,10 +50,28 @@ class Plan:
     def starts(self) -> str:
         return self.constraints.get("starts", "")
 
+    def add_candidate(self, engine: Engine, ids: list[int], settings: SamplingSettings, candidate: int,
+                      owner: Any, seed: int | None = None) -> None:
+        """Queue the candidate-th answer to the conversation `ids` on the engine: it starts with the requested
+        first sentence and decodes with candidate_settings."""
+        engine.add(ids + self.start_ids, candidate_settings(settings, candidate), seed, self.words, owner,
+                   written=len(self.start_ids), length=self.length)
+
     def answered_whole(self, settings: SamplingSettings) -> bool:
         """Whether the answer is known only once it is finished and chosen (best of several, or a requested
         last sentence that closes it), rather than streamed as it comes."""
         return settings.best_of > 1 or "ends" in self.constraints
+
+
+def candidate_settings(settings: SamplingSettings, candidate: int) -> SamplingSettings:
+    """How a request's candidate-th answer decodes. Sampled candidates differ by their draws; greedy ones
+    would all be the same answer, so candidate c reaches (c + 1) times as far for requested words and penalizes
+    repeats (c + 1) times as hard: choose() then picks among answers that range from the model's own words to
+    the requested ones."""
+    if settings.temperature > 0 or candidate == 0:
+        return settings
+    return dataclasses.replace(settings, word_reach=min(settings.word_reach * (candidate + 1), 100.0),
+                               dry_multiplier=min(settings.dry_multiplier * (candidate + 1), 100.0))
 
 
 def plan(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> Plan:
@@ -160,8 +178,7 @@ def answers(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], plans: l
     engine = Engine(model, tokenizer, len(prompts) * settings.best_of, generator)
     for index, (ids, chat_plan) in enumerate(zip(prompts, plans)):
         for candidate in range(settings.best_of):
-            engine.add(ids + chat_plan.start_ids, settings, words=chat_plan.words, owner=(index, candidate),
-                       written=len(chat_plan.start_ids), length=chat_plan.length)
+            chat_plan.add_candidate(engine, ids, settings, candidate, (index, candidate))
     texts: dict[tuple[int, int], str] = {}
     last: dict[tuple[int, int], TextDelta] = {}
     while engine.rows:

@@ -76,8 +76,8 @@ class SamplingSettings:
     best_of: int = 1
 
     def __post_init__(self) -> None:
-        if self.temperature == 0:  # greedy candidates would all be the same answer: decode it once
-            object.__setattr__(self, "best_of", 1)
+        if self.temperature == 0 and not (self.word_reach or self.dry_multiplier):
+            object.__setattr__(self, "best_of", 1)  # greedy candidates would all be the same answer (following.py)
 
     def check(self, vocab_size: int) -> None:
         """Raise SlmError naming the flag of the first bad value. `not x >= 0` rather than `x < 0` refuses NaN."""

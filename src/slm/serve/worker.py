@@ -142,8 +142,7 @@ class Worker:
             for candidate in range(best_of):
                 row = choice * best_of + candidate
                 seed = None if job.seed is None else (job.seed + row) % 2**64
-                self.engine.add(ids + plan.start_ids, job.settings, seed, plan.words, (job, choice, candidate),
-                                written=len(plan.start_ids), length=plan.length)
+                plan.add_candidate(self.engine, ids, job.settings, candidate, (job, choice, candidate), seed)
 
     def _step(self) -> None:
         for row, delta in self.engine.step():
