@@ -24,7 +24,7 @@ import torch
 from slm.assistant.constraints import check, flaws, read_request
 from slm.data.requests import LONG_WORDS, SHORT_WORDS, sentences
 from slm.data.tokenizer import Tokenizer
-from slm.inference.engine import Engine, TextDelta
+from slm.inference.engine import Engine, TextDelta, collect, drain
 from slm.inference.logit_bias import Length, Words, word_forms
 from slm.inference.sampling import SamplingSettings
 from slm.model.gpt import GPT
@@ -179,14 +179,10 @@ def answers(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], plans: l
     for index, (ids, chat_plan) in enumerate(zip(prompts, plans)):
         for candidate in range(settings.best_of):
             chat_plan.add_candidate(engine, ids, settings, candidate, (index, candidate))
-    texts: dict[tuple[int, int], str] = {}
-    last: dict[tuple[int, int], TextDelta] = {}
-    while engine.rows:
-        for row, delta in engine.step():
-            texts[row.owner] = texts.get(row.owner, "") + delta.text
-            last[row.owner] = delta
+    whole = collect(drain(engine))
     chosen = []
     for index, chat_plan in enumerate(plans):
-        kept, text = best(model, tokenizer, chat_plan, [texts.get((index, c), "") for c in range(settings.best_of)])
-        chosen.append(dataclasses.replace(last[(index, kept)], row=index, text=text))
+        candidates = [whole[(index, c)] for c in range(settings.best_of)]
+        kept, text = best(model, tokenizer, chat_plan, [candidate.text for candidate in candidates])
+        chosen.append(dataclasses.replace(candidates[kept], row=index, text=text))
     return chosen

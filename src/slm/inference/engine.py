@@ -257,20 +257,27 @@ def stream(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings:
     for row, ids in enumerate(prompts):
         engine.add(ids, settings, words=words[row] if words else None, owner=row, written=written,
                    length=lengths[row] if lengths else None)
-    return _run(engine)
+    return drain(engine)
 
 
-def _run(engine: Engine) -> Iterator[TextDelta]:
+def drain(engine: Engine) -> Iterator[TextDelta]:
+    """The engine's deltas until every row has finished, each with its row's owner as its row."""
     while engine.rows:
         for row, delta in engine.step():
             yield dataclasses.replace(delta, row=row.owner)
 
 
+def collect(deltas: Iterator[TextDelta]) -> dict[Any, TextDelta]:
+    """Each row's whole text, with the generated ids and finish reason of its last delta, by its row."""
+    whole: dict[Any, TextDelta] = {}
+    for delta in deltas:
+        whole[delta.row] = dataclasses.replace(delta, text=whole[delta.row].text + delta.text) if (
+            delta.row in whole) else delta
+    return whole
+
+
 def complete(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], settings: SamplingSettings,
              generator: torch.Generator | None = None, words: list[Words] | None = None) -> list[TextDelta]:
     """Each row's whole text, generated ids and finish reason: `stream`'s deltas added up."""
-    texts, last = [""] * len(prompts), {}
-    for delta in stream(model, tokenizer, prompts, settings, generator, words):
-        texts[delta.row] += delta.text
-        last[delta.row] = delta
-    return [dataclasses.replace(last[row], text=texts[row]) for row in range(len(prompts))]
+    whole = collect(stream(model, tokenizer, prompts, settings, generator, words))
+    return [whole[row] for row in range(len(prompts))]
