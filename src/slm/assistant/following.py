@@ -52,8 +52,7 @@ class Plan:
 
     def add_candidate(self, engine: Engine, ids: list[int], settings: SamplingSettings, candidate: int,
                       owner: Any, seed: int | None = None) -> None:
-        """Queue the candidate-th answer to the conversation `ids` on the engine: it starts with the requested
-        first sentence and decodes with candidate_settings."""
+        """Queue the candidate-th answer to the conversation `ids`: the first sentence, then candidate_settings'."""
         engine.add(ids + self.start_ids, candidate_settings(settings, candidate), seed, self.words, owner,
                    written=len(self.start_ids), length=self.length)
 
@@ -64,10 +63,9 @@ class Plan:
 
 
 def candidate_settings(settings: SamplingSettings, candidate: int) -> SamplingSettings:
-    """How a request's candidate-th answer decodes. Sampled candidates differ by their draws; greedy ones
-    would all be the same answer, so candidate c reaches (c + 1) times as far for requested words and penalizes
-    repeats (c + 1) times as hard: choose() then picks among answers that range from the model's own words to
-    the requested ones."""
+    """How a request's candidate-th answer decodes. Sampled candidates differ by their draws; greedy ones would
+    be the same answer, so candidate c reaches (c + 1) times as far for requested words and penalizes repeats
+    (c + 1) times as hard: choose() picks among answers from the model's own words to the requested ones."""
     if settings.temperature > 0 or candidate == 0:
         return settings
     return dataclasses.replace(settings, word_reach=min(settings.word_reach * (candidate + 1), 100.0),

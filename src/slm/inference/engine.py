@@ -153,13 +153,13 @@ class Engine:
                                    [prompt[len(prompt) - written:]] if written else None, [length])
         if seed is not None:  # a picker of its own
             alone = make_picker(self.model, settings, make_generator(self.device, seed), row.seen, row.pushed)
-            row.pick = lambda hidden, rows: alone(hidden)
+            row.pick = _ignoring_rows(alone)
         else:  # the engine's, shared by every unseeded row that samples alike
             sampling = dataclasses.replace(settings, max_new_tokens=1, stop=())  # where a row ends is not picking
             key = (sampling, row.seen is not None, row.pushed is not None)
             if key not in self.shared_pickers:
-                self.shared_pickers[key] = (SharedPick(self.model, sampling, self.generator) if key[1] or key[2]
-                                            else _ignoring_rows(make_picker(self.model, sampling, self.generator, None)))
+                self.shared_pickers[key] = (SharedPick(self.model, sampling, self.generator) if key[1] or key[2] else
+                                            _ignoring_rows(make_picker(self.model, sampling, self.generator, None)))
             row.pick = self.shared_pickers[key]
         self.rows.append(row)
         return row
@@ -271,8 +271,8 @@ def collect(deltas: Iterator[TextDelta]) -> dict[Any, TextDelta]:
     """Each row's whole text, with the generated ids and finish reason of its last delta, by its row."""
     whole: dict[Any, TextDelta] = {}
     for delta in deltas:
-        whole[delta.row] = dataclasses.replace(delta, text=whole[delta.row].text + delta.text) if (
-            delta.row in whole) else delta
+        before = whole[delta.row].text if delta.row in whole else ""
+        whole[delta.row] = dataclasses.replace(delta, text=before + delta.text)
     return whole
 
 
