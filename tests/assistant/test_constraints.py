@@ -108,6 +108,17 @@ def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wordin
     ("A story about Sam with a kite and a dog in it Use this as the opening sentence: Sam ran.",  # no "." before
      {"words": ["Sam", "kite", "dog"], "starts": "Sam ran."}),
     ('A story about Sam. Wrap it up with "They all slept well."', {"words": ["Sam"], "ends": "They all slept well."}),
+    ("Story please: Ben, words lift, coat, and box Use this first sentence: Sara and Ben are friends.",
+     {"words": ["Ben", "lift", "coat", "box"], "starts": "Sara and Ben are friends."}),  # ask with no "." before
+    ('Story please: Tom, words happy, try, near Have it end with "He made a new friend."',
+     {"words": ["Tom", "happy", "try", "near"], "ends": "He made a new friend."}),  # a colon earlier
+    ("About Abby. Use this as the opening sentence: There were two friends: Bobby and Abby.",
+     {"words": ["Abby"], "starts": "There were two friends: Bobby and Abby."}),  # a colon inside it
+    ("The little one is named Ben; it has to say heart, inside and balls somewhere.",
+     {"words": ["Ben", "heart", "inside", "balls"]}),  # "say" lists words, it does not ask for talk
+    ("Can you do a story with Lucy, and put liked, treat, and mom in it?", {"words": ["Lucy", "liked", "treat", "mom"]}),
+    ("Hero: Sam. It needs these three words: carefully, put and hesitated.",
+     {"words": ["Sam", "carefully", "put", "hesitated"]}),  # a listed word that could cue a list
     ("Write a story about Sue. Keep it short.", {"words": ["Sue"], "length": "short"}),
     ("hey, a long story about a dragon please", {"words": ["dragon"], "length": "long"}),
 ])

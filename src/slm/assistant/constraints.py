@@ -28,7 +28,7 @@ _STARTS_ASKED = re.compile(r"\b(?:start|starts|begin|begins|open|opens|opening|f
 _ENDS_ASKED = re.compile(r"\b(?:end|ends|ending|finish|finishes|close|closes|closing|last|final|wrap|wraps)\b",
                          re.IGNORECASE)
 _QUOTED = re.compile(r'["\u201c]([^"\u201c\u201d]{3,}?)["\u201d]')
-_TALK = re.compile(r"\b(?:dialog\w*|talk\w*|speak\w*|speech|spoken|conversations?|quotes?|says?|said|saying)\b",
+_TALK = re.compile(r"\b(?:dialog\w*|talk\w*|speak\w*|speech|spoken|conversations?|quotes?|says|said|saying)\b",
                    re.IGNORECASE)
 # A length asked of the story: the word describes the story ("a short one", "Make it long.", "short and sweet"),
 # not something in it ("long hair", "a long time ago", "a short walk").
@@ -39,31 +39,40 @@ _DESCRIBES_STORY = re.compile(r"\s*(?:[.,!?;)]|$|and\b|but\b|please\b|(?:story|s
 _NOT = re.compile(r"\b(?:no|not|without|avoid|never|none|don't|do not|leave out|keep \w+ out|skip)\b", re.IGNORECASE)
 
 
-def _given_sentence(part: str) -> str | None:
-    """The sentence a part of a request gives in quotes, or after its first colon; None if it gives none."""
+def _given_sentences(part: str) -> list[tuple[str, int]]:
+    """The sentences a part of a request may give, each with where it starts: the one in quotes, else what
+    follows each colon ("Use this first sentence: There were two friends: Bob and Sue." tries both)."""
     quoted = _QUOTED.search(part)
     if quoted and len(quoted.group(1).split()) >= 2:
-        return quoted.group(1).strip()
-    head, colon, tail = part.partition(":")
-    return tail.strip() if colon and len(tail.split()) >= 2 else None
+        return [(quoted.group(1).strip(), quoted.start())]
+    colons = [i for i, ch in enumerate(part) if ch == ":"]
+    return [(part[i + 1:].strip(), i) for i in colons if len(part[i + 1:].split()) >= 2]
+
+
+# How an ask for a sentence begins when no sentence end comes before it: "... box Use this first sentence:",
+# "... near Have it end with": a capitalized word at most three words before the cue.
+_ASK_OPENS = re.compile(r"\b[A-Z][a-z]*(?:\s+[a-z]+){0,3}\s*$")
 
 
 def requested_sentences(message: str) -> tuple[dict[str, str], str]:
     """({"starts": ..., "ends": ...}, the message without the parts that asked for them): the first and last
     sentences a request gives, in whatever words it asks for them, so long as it quotes them or puts them
-    after a colon."""
+    after a colon, with the ask in the few words before them."""
     found: dict[str, str] = {}
     rest = message
     # A request's parts end at a sentence end; a given sentence ends one part and the next asks anew.
     for part in re.split(r"(?<=[.!?\"\u201d])\s+(?=[A-Z\"\u201c])", message):
-        cues = [(key, cue) for key, asked in (("starts", _STARTS_ASKED), ("ends", _ENDS_ASKED))
-                if (cue := asked.search(part.split(":")[0])) and key not in found]
-        given = _given_sentence(part) if len(cues) == 1 else None
-        if given:
-            found[cues[0][0]] = given
-            # From the cue on: a part with no sentence end before the ask ("... in it Use this as the opening
-            # sentence: ...") keeps what comes before it, the words it lists among them.
-            rest = rest.replace(part[cues[0][1].start():], " ")
+        for sentence, at in _given_sentences(part):
+            lead_start = max(0, at - 50)
+            cues = [(key, cue) for key, asked in (("starts", _STARTS_ASKED), ("ends", _ENDS_ASKED))
+                    if (cue := asked.search(part[lead_start:at])) and key not in found]
+            if len(cues) == 1:
+                found[cues[0][0]] = sentence
+                cut = lead_start + cues[0][1].start()
+                opens = _ASK_OPENS.search(part[:cut])
+                # From the ask on: what comes before it stays, the words a request lists among them.
+                rest = rest.replace(part[opens.start() if opens else cut:], " ")
+                break
     return found, rest
 
 
@@ -71,7 +80,7 @@ def requested_sentences(message: str) -> tuple[dict[str, str], str]:
 # "Use the words ball and tree", "mention slip, cold and tried", "Please include heard", "asked for a, b and
 # c to be in it", "must have a, b").
 _LIST_CUE = re.compile(r"\b(?:words?|use|using|include|including|mention|keywords?|contains?|containing|"
-                       r"vocabulary|these|for|have)\b|:", re.IGNORECASE)
+                       r"vocabulary|these|for|have|say|put)\b|:", re.IGNORECASE)
 _ABOUT = re.compile(r"\b(?:about|featuring|starring)\b([^.,;:!?]*)", re.IGNORECASE)  # a story's topic
 # A verb that starts a sentence ("Invent a story.", "Give me one", "Dream up a tale") has a capital, as a name
 # would; the object after it shows it is a verb. "Max the dog" is a name, so "the" is not among them.
@@ -82,16 +91,16 @@ _LIST_SPLIT = re.compile(r"\s*(?:,\s*(?:and\s+|&\s+)?|\s+(?:and|&)\s+)")
 def listed_words(message: str) -> list[str]:
     """The words a request lists (see _LIST_CUE), whatever they are: a request for "new, all and kind" asks
     for those words even though they are common ones. A list is a run of single words apart from its last
-    item, of which the first word counts ("the words ball, tree in it" lists ball and tree)."""
+    item, of which the first word counts ("the words ball, tree in it" lists ball and tree). The first cue of a
+    sentence that a list follows counts: a cue may be a listed word ("words: carefully, put and hesitated")."""
     words: list[str] = []
     for part in re.split(r"(?<=[.!?;])\s+", message):
-        cues = list(_LIST_CUE.finditer(part))
-        if not cues:
-            continue
-        items = [ANY_WORD.findall(item) for item in _LIST_SPLIT.split(part[cues[-1].end():].strip(" .!?;"))]
-        items = [item for item in items if item]
-        if items and all(len(item) == 1 for item in items[:-1]) and (len(items) > 1 or len(items[0]) == 1):
-            words += [item[0].strip("'") for item in items if item[0].lower() not in ("the", "a", "an")]
+        for cue in _LIST_CUE.finditer(part):
+            items = [ANY_WORD.findall(item) for item in _LIST_SPLIT.split(part[cue.end():].strip(" .!?;"))]
+            items = [item for item in items if item]
+            if items and all(len(item) == 1 for item in items[:-1]) and (len(items) > 1 or len(items[0]) == 1):
+                words += [item[0].strip("'") for item in items if item[0].lower() not in ("the", "a", "an")]
+                break
     return [w for w in words if not _TALK.fullmatch(w) and len(w) >= 2]
 
 
