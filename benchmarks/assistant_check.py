@@ -12,7 +12,8 @@ three of its words; a third also give the first sentence and a third the last on
 Each set was written before any answer to it was read and run once on a final recipe; its figures are
 reported, never tuned on. Once its answers are read a set is spent (the reader may have been fixed on it) and
 a new one is written: FREE_WORDINGS 2026-12-02, CHECK_WORDINGS 2026-12-06, FRESH_WORDINGS 2026-12-07 (read the
-same day: the greedy figures missed the goal, and greedy best-of followed) and LATER_WORDINGS after it.
+same day: the greedy figures missed the goal, and greedy best-of followed), LATER_WORDINGS after it (read:
+the request reader was fixed on it) and THIRD_WORDINGS after that.
 """
 
 from __future__ import annotations
@@ -78,8 +79,23 @@ LATER_STARTS = ['Have it begin with "{sentence}"', "Use this first sentence: {se
                 'The story should open like this: "{sentence}"', "Begin with these words: {sentence}"]
 LATER_ENDS = ['Have it end with "{sentence}"', "Use this last sentence: {sentence}",
               'The story should finish like this: "{sentence}"', "The ending sentence must be: {sentence}"]
+THIRD_WORDINGS = [
+    "Can I get a story about {name}? Please use the words {words}.",
+    "{name} is a kid in my class. Write a tale for them that has {words} in it.",
+    "Bedtime story request: {name}, plus the words {words}.",
+    "tell a story with {name} in it. include these: {words}",
+    "Write a nice story. Main character = {name}. Words = {words}.",
+    "Please, a story about {name}! It must use {words}.",
+    "Could you make a children's story where {name} is the hero? Try to fit in {words}.",
+    "I want to read my son a story about {name}, and it should mention {words}.",
+]
+THIRD_STARTS = ['It should start: "{sentence}"', "First line: {sentence}", 'Start with the sentence "{sentence}"',
+                "The story begins: {sentence}"]
+THIRD_ENDS = ['It should end: "{sentence}"', "Last line: {sentence}", 'End with the sentence "{sentence}"',
+              "The story ends: {sentence}"]
 SETS = {"free": (FREE_WORDINGS, [], []), "check": (CHECK_WORDINGS, CHECK_STARTS, CHECK_ENDS),
-        "fresh": (FRESH_WORDINGS, FRESH_STARTS, FRESH_ENDS), "later": (LATER_WORDINGS, LATER_STARTS, LATER_ENDS)}
+        "fresh": (FRESH_WORDINGS, FRESH_STARTS, FRESH_ENDS), "later": (LATER_WORDINGS, LATER_STARTS, LATER_ENDS),
+        "third": (THIRD_WORDINGS, THIRD_STARTS, THIRD_ENDS)}
 FIRST = 200  # valid.txt's first stories made the prompts the recipe was chosen on
 
 
@@ -132,9 +148,10 @@ def main() -> int:
     parser.add_argument("sample", type=Path, help="folder with valid.txt")
     parser.add_argument("runs", nargs="*")
     parser.add_argument("--out", type=Path, required=True, help="the prompts file to write")
-    parser.add_argument("--wordings", choices=tuple(SETS), default="later")
+    parser.add_argument("--wordings", choices=tuple(SETS), default="third")
     parser.add_argument("--answers", type=Path, help="score these answers instead of running eval-assistant")
-    parser.add_argument("--seed", type=int, default=2028, help="2026 made free's and check's requests, 2027 fresh's")
+    parser.add_argument("--seed", type=int, default=2029,
+                        help="2026 made free's and check's requests, 2027 fresh's, 2028 later's")
     args, eval_flags = parser.parse_known_args()
     rows = prompts(args.sample / "valid.txt", args.seed, args.wordings)
     args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
