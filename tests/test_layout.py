@@ -17,8 +17,9 @@ FUNCTION_LINES = 60
 # reading of short and long requests, its name guard, the best-of answer at a time limit and the topic of a
 # listing request raised it to 7,940; its end-of-text push as the token budget runs out, its reading of a
 # sentence-initial verb and best-of-N candidates picked in one call (SharedPick, top-p among 256 candidates:
-# 1.83 -> 1.49 s an answer) to 8,002; its greedy best-of (candidate_settings) and two-letter names to 8,022.
-LIBRARY_LINES = 8022
+# 1.83 -> 1.49 s an answer) to 8,002; its greedy best-of (candidate_settings) and two-letter names to 8,022,
+# its reading of an ask for a sentence in the words before it to 8,031.
+LIBRARY_LINES = 8031
 STAGES = ("data", "model", "training", "inference", "assistant", "serve", "interop", "runs")
 ON_TOP = ("slm.cli", "slm.pipelines", "slm.bench")  # they chain the stages, so no stage may import them
 MODEL_MAY_IMPORT = ("torch", "slm.config", "slm.model")
