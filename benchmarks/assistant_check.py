@@ -150,10 +150,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="the prompts file to write")
     parser.add_argument("--wordings", choices=tuple(SETS), default="third")
     parser.add_argument("--answers", type=Path, help="score these answers instead of running eval-assistant")
-    parser.add_argument("--seed", type=int, default=2029,
-                        help="2026 made free's and check's requests, 2027 fresh's, 2028 later's")
+    # Not --seed: that is eval-assistant's (its sampling), passed on. Until 2026-12-07 it was this one, so the
+    # sampled checks' `--seed 0` made their requests from seed 0 and sampled unseeded (benchmarks/assistant.md).
+    parser.add_argument("--prompt-seed", type=int, default=2029,
+                        help="the requests' words: 2026 made free's and check's, 2027 fresh's, 2028 later's")
     args, eval_flags = parser.parse_known_args()
-    rows = prompts(args.sample / "valid.txt", args.seed, args.wordings)
+    rows = prompts(args.sample / "valid.txt", args.prompt_seed, args.wordings)
     args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(f"{len(rows)} requests in {args.out}", file=sys.stderr)
     if args.answers:
