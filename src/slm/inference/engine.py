@@ -73,10 +73,6 @@ class RowText:
 Pick = Callable[[torch.Tensor, list["Sequence"]], torch.Tensor]  # rows' hidden states (B, C), the rows -> ids (B,)
 
 
-def _ignoring_rows(picker: Callable[[torch.Tensor], torch.Tensor]) -> Pick:
-    return lambda hidden, rows: picker(hidden)
-
-
 @dataclass(frozen=True, eq=False)
 class SharedPick:
     """The picker of unseeded rows that sample alike, each with its own repetition penalty and logit bias:
@@ -151,18 +147,23 @@ class Engine:
         if (words and settings.word_bias) or settings.dry_multiplier or length:
             row.pushed = LogitBias([words or []], settings, vocab_size, self.device,
                                    [prompt[len(prompt) - written:]] if written else None, [length])
+        sampling = dataclasses.replace(settings, max_new_tokens=1, stop=())  # where a row ends is not picking
+        key = (sampling, row.seen is not None, row.pushed is not None)
         if seed is not None:  # a picker of its own
-            alone = make_picker(self.model, settings, make_generator(self.device, seed), row.seen, row.pushed)
-            row.pick = _ignoring_rows(alone)
+            row.pick = self._picker(key, make_generator(self.device, seed))
         else:  # the engine's, shared by every unseeded row that samples alike
-            sampling = dataclasses.replace(settings, max_new_tokens=1, stop=())  # where a row ends is not picking
-            key = (sampling, row.seen is not None, row.pushed is not None)
             if key not in self.shared_pickers:
-                self.shared_pickers[key] = (SharedPick(self.model, sampling, self.generator) if key[1] or key[2] else
-                                            _ignoring_rows(make_picker(self.model, sampling, self.generator, None)))
+                self.shared_pickers[key] = self._picker(key, self.generator)
             row.pick = self.shared_pickers[key]
         self.rows.append(row)
         return row
+
+    def _picker(self, key: tuple[SamplingSettings, bool, bool], generator: torch.Generator) -> Pick:
+        """The picker of rows that sample as key[0], with a repetition penalty (key[1]) or a logit bias (key[2])."""
+        if key[1] or key[2]:
+            return SharedPick(self.model, key[0], generator)
+        plain = make_picker(self.model, key[0], generator, None)
+        return lambda hidden, rows: plain(hidden)
 
     def remove(self, row: Sequence) -> None:
         """Take a row out of the batch between steps; the last row moves into its slot."""

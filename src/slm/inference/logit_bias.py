@@ -49,18 +49,17 @@ class Length:
     most: int | None = None
 
     def end_bias(self, words: int, at_sentence_end: bool, tokens_left: int, budget: int) -> float:
-        """The bias on end-of-text after `words` words, at a sentence end or not, with `tokens_left` of the
-        row's `budget` ids to go."""
+        """The bias on end-of-text after `words` words, at a sentence end or not, tokens_left of budget to go."""
         if words < self.least:
             return -FORCE
         if not at_sentence_end:
             return 0.0
-        if budget < 2 * BUDGET_PUSH:  # no room for a story: the caller asked for a cut
-            tokens_left = BUDGET_PUSH
-        if tokens_left <= BUDGET_END or (self.most is not None and words >= self.most):
+        room = budget >= 2 * BUDGET_PUSH  # less: no room for a story, and the caller asked for a cut
+        if (room and tokens_left <= BUDGET_END) or (self.most is not None and words >= self.most):
             return FORCE
         by_words = 0.0 if self.most is None else max(words - self.most / 2, 0.0) / (self.most / 2)
-        return LENGTH_PUSH * max(by_words, (BUDGET_PUSH - tokens_left) / (BUDGET_PUSH - BUDGET_END))
+        by_budget = max(BUDGET_PUSH - tokens_left, 0) / (BUDGET_PUSH - BUDGET_END) if room else 0.0
+        return LENGTH_PUSH * max(by_words, by_budget)
 
 
 def word_forms(tokenizer: Any, words: list[str]) -> Words:
