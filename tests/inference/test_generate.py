@@ -592,6 +592,25 @@ def test_word_reach_pushes_a_word_only_where_it_is_near_the_best_and_widens_with
     assert (name.apply(far) - far)[0, roxy[0]].item() == 8.0  # a name is pushed however far: any name fits
 
 
+def test_a_word_is_pushed_only_where_it_fits_nearly_as_well_as_anywhere_it_was_due_before():
+    from slm.inference.logit_bias import LogitBias, word_forms
+
+    tok = get_tokenizer()
+    ball, cat = tok.encode(" ball")[0], tok.encode(" cat")[0]
+    push = LogitBias([word_forms(tok, ["ball"])], SamplingSettings(word_bias=8.0, word_reach=2.0), 50257,
+                     torch.device("cpu"), [tok.encode("Lily woke up. She ran. She hid. She saw a")])  # reach 6
+
+    def pushed(ball_logit: float) -> float:
+        logits = torch.zeros(1, 50257)
+        logits[0, cat], logits[0, ball] = 10.0, ball_logit
+        return (push.apply(logits) - logits)[0, ball].item()
+
+    assert pushed(6.0) == 8.0  # 4 below the best id, within the reach: pushed (the model writes a cat here)
+    assert pushed(4.5) == 0.0  # a worse fit than that spot by more than half the reach (1): not here
+    assert pushed(5.5) == 8.0  # nearly as good as the best spot so far: pushed
+    assert pushed(7.0) == 8.0  # a better spot than any before
+
+
 def test_a_name_written_whole_is_never_lengthened_wherever_the_row_writes_it():
     from slm.inference.logit_bias import FORCE, LogitBias, word_forms
 

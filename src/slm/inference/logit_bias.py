@@ -147,7 +147,10 @@ class LogitBias:
     With word_reach, a word's push applies only where its logit is already within reach of the best id's
     (apply): the word comes where the model finds it plausible, not wherever it is due. The reach widens by
     word_reach with each sentence the row ends, so a word that finds no natural place still comes before the
-    story is over. Names are pushed regardless (any name fits where a character comes in), a name begun
+    story is over, but only where it fits within half of word_reach as well as at the best spot where it was
+    due before: a spot passed by sets the bar, so a word comes where it fits, not at whatever spot is next
+    once the reach is wide ("One day, leather sky"; benchmarks/assistant.md, issue 28 part 5). Names are
+    pushed regardless (any name fits where a character comes in), a name begun
     is finished whatever the model would write ("R" -> "oxy"), and a name written whole is not lengthened
     ("Toot", never "Tooty"), wherever the row writes it.
     Length: a row's Length holds back or pushes end-of-text by the words written so far.
@@ -173,6 +176,8 @@ class LogitBias:
         self.generated = [0] * len(words)  # ids it has picked (a requested first sentence is not among them)
         self.reach = torch.full((len(words), 1), settings.word_reach, device=device)
         self.bias = torch.zeros(len(words), vocab_size, device=device)
+        # each id's best fit so far where it was pushed: its logit less the best id's
+        self.best_gap = torch.full((len(words), vocab_size), -torch.inf, device=device)
         self.free = torch.zeros(len(words), vocab_size, dtype=torch.bool, device=device)  # pushes never gated
         self.glues = self.table.glues.to(device)
         for row, ids in enumerate(written or []):
@@ -269,5 +274,12 @@ def apply_all(biases: list[LogitBias], logits: torch.Tensor) -> torch.Tensor:
     if not biases[0].settings.word_reach:
         return logits + bias
     free, reach = torch.cat([b.free for b in biases]), torch.cat([b.reach for b in biases])
-    far = logits < logits.max(dim=-1, keepdim=True).values - reach
-    return logits + bias.masked_fill(far & (bias > 0) & ~free, 0.0)
+    best = torch.cat([b.best_gap for b in biases])
+    gap = logits - logits.max(dim=-1, keepdim=True).values
+    gated = (bias > 0) & ~free
+    fits = (gap >= -reach) & (gap >= best - biases[0].settings.word_reach / 2)
+    best = torch.where(gated, torch.maximum(best, gap), best)
+    start = 0
+    for b in biases:
+        b.best_gap, start = best[start:start + len(b.best_gap)], start + len(b.best_gap)
+    return logits + bias.masked_fill(gated & ~fits, 0.0)
