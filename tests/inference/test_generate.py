@@ -606,8 +606,8 @@ def test_a_word_is_pushed_only_where_it_fits_nearly_as_well_as_anywhere_it_was_d
         return (push.apply(logits) - logits)[0, ball].item()
 
     assert pushed(6.0) == 8.0  # 4 below the best id, within the reach: pushed (the model writes a cat here)
-    assert pushed(4.5) == 0.0  # a worse fit than that spot by more than half the reach (1): not here
-    assert pushed(5.5) == 8.0  # nearly as good as the best spot so far: pushed
+    assert pushed(3.5) == 0.0  # a worse fit than that spot by more than the word reach (2): not here
+    assert pushed(4.5) == 8.0  # nearly as good as the best spot so far: pushed
     assert pushed(7.0) == 8.0  # a better spot than any before
 
 

@@ -147,7 +147,7 @@ class LogitBias:
     With word_reach, a word's push applies only where its logit is already within reach of the best id's
     (apply): the word comes where the model finds it plausible, not wherever it is due. The reach widens by
     word_reach with each sentence the row ends, so a word that finds no natural place still comes before the
-    story is over, but only where it fits within half of word_reach as well as at the best spot where it was
+    story is over, but only where it fits within word_reach as well as at the best spot where it was
     due before: a spot passed by sets the bar, so a word comes where it fits, not at whatever spot is next
     once the reach is wide ("One day, leather sky"; benchmarks/assistant.md, issue 28 part 5). Names are
     pushed regardless (any name fits where a character comes in), a name begun
@@ -277,7 +277,7 @@ def apply_all(biases: list[LogitBias], logits: torch.Tensor) -> torch.Tensor:
     best = torch.cat([b.best_gap for b in biases])
     gap = logits - logits.max(dim=-1, keepdim=True).values
     gated = (bias > 0) & ~free
-    fits = (gap >= -reach) & (gap >= best - biases[0].settings.word_reach / 2)
+    fits = (gap >= -reach) & (gap >= best - biases[0].settings.word_reach)
     best = torch.where(gated, torch.maximum(best, gap), best)
     start = 0
     for b in biases:
