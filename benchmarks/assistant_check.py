@@ -13,7 +13,9 @@ Each set was written before any answer to it was read and run once on a final re
 reported, never tuned on. Once its answers are read a set is spent (the reader may have been fixed on it) and
 a new one is written: FREE_WORDINGS 2026-12-02, CHECK_WORDINGS 2026-12-06, FRESH_WORDINGS 2026-12-07 (read the
 same day: the greedy figures missed the goal, and greedy best-of followed), LATER_WORDINGS after it (read:
-the request reader was fixed on it) and THIRD_WORDINGS after that.
+the request reader was fixed on it), THIRD_WORDINGS after that, FOURTH_WORDINGS 2026-12-07 (prompt seed 4; spent:
+the word reach was chosen after it) FIFTH_WORDINGS 2026-12-07 (prompt seed 5; spent: its
+requests showed the request reader's misses) and SIXTH_WORDINGS 2026-12-07 (prompt seed 6).
 """
 
 from __future__ import annotations
@@ -93,9 +95,49 @@ THIRD_STARTS = ['It should start: "{sentence}"', "First line: {sentence}", 'Star
                 "The story begins: {sentence}"]
 THIRD_ENDS = ['It should end: "{sentence}"', "Last line: {sentence}", 'End with the sentence "{sentence}"',
               "The story ends: {sentence}"]
+FOURTH_WORDINGS = [
+    "My niece loves {name}. Could you write her a short story using {words}?",
+    "Story time! Hero: {name}. Make sure it has {words}.",
+    "write something for kids about {name} -- words to use: {words}",
+    "I need a little story starring {name}, with {words} somewhere in it.",
+    "Give me a simple tale. The main kid is {name}; please work in {words}.",
+    "Can you tell me a story? It's about {name} and uses {words}.",
+    "A short story for a five-year-old, please, about {name}. Put {words} in it.",
+    "Make up a story where {name} has an adventure, and use the words {words}.",
+]
+FOURTH_STARTS = ['Begin it with: "{sentence}"', "Opening sentence: {sentence}", 'Open with "{sentence}"']
+FOURTH_ENDS = ['Finish it with: "{sentence}"', "Final sentence: {sentence}", 'Close with "{sentence}"']
+FIFTH_WORDINGS = [
+    "Hello! Please write a story about {name} for my little brother. Use {words}.",
+    "could you do a short one about {name}? needs {words}",
+    "Our class is reading about {name} today. Write us a story that includes {words}.",
+    "Tonight's story should be about {name}, and I want to hear {words} in it.",
+    "Kids' story. The main one is {name}. Words it must contain: {words}.",
+    "Please invent a happy little story about {name} that has the words {words}.",
+    "I'd like a story where {name} learns something. Be sure to use {words}.",
+    "Write a tale for small children. Star: {name}. Use: {words}.",
+]
+FIFTH_STARTS = ['The first sentence must be "{sentence}"', "Start like this: {sentence}",
+                'Let it begin: "{sentence}"']
+FIFTH_ENDS = ['The last sentence must be "{sentence}"', "End like this: {sentence}", 'Let it end: "{sentence}"']
+SIXTH_WORDINGS = [
+    "Can you write a story for me about {name}? I'd like it to have {words}.",
+    "bedtime story pls!! about {name}. use {words}",
+    "Write a story in which {name} is the main character. The story should use {words}.",
+    "My son asked for a story about {name} with the words {words}.",
+    "Please tell {name}'s story, and use {words} in it.",
+    "Any chance of a children's story about {name}? Put in {words}.",
+    "Create a short tale featuring {name}. Required words: {words}.",
+    "I'm hoping for a sweet story about {name} that uses {words}.",
+]
+SIXTH_STARTS = ['The opening must be "{sentence}"', "Begin the story like this: {sentence}",
+                'Make the first line "{sentence}"']
+SIXTH_ENDS = ['The ending must be "{sentence}"', "End the story like this: {sentence}",
+              'Make the last line "{sentence}"']
 SETS = {"free": (FREE_WORDINGS, [], []), "check": (CHECK_WORDINGS, CHECK_STARTS, CHECK_ENDS),
         "fresh": (FRESH_WORDINGS, FRESH_STARTS, FRESH_ENDS), "later": (LATER_WORDINGS, LATER_STARTS, LATER_ENDS),
-        "third": (THIRD_WORDINGS, THIRD_STARTS, THIRD_ENDS)}
+        "third": (THIRD_WORDINGS, THIRD_STARTS, THIRD_ENDS), "fourth": (FOURTH_WORDINGS, FOURTH_STARTS, FOURTH_ENDS),
+        "fifth": (FIFTH_WORDINGS, FIFTH_STARTS, FIFTH_ENDS), "sixth": (SIXTH_WORDINGS, SIXTH_STARTS, SIXTH_ENDS)}
 FIRST = 200  # valid.txt's first stories made the prompts the recipe was chosen on
 
 
@@ -148,12 +190,13 @@ def main() -> int:
     parser.add_argument("sample", type=Path, help="folder with valid.txt")
     parser.add_argument("runs", nargs="*")
     parser.add_argument("--out", type=Path, required=True, help="the prompts file to write")
-    parser.add_argument("--wordings", choices=tuple(SETS), default="third")
+    parser.add_argument("--wordings", choices=tuple(SETS), default="sixth")
     parser.add_argument("--answers", type=Path, help="score these answers instead of running eval-assistant")
     # Not --seed: that is eval-assistant's (its sampling), passed on. Until 2026-12-07 it was this one, so the
     # sampled checks' `--seed 0` made their requests from seed 0 and sampled unseeded (benchmarks/assistant.md).
     parser.add_argument("--prompt-seed", type=int, default=2029,
-                        help="the requests' words: 2026 made free's and check's, 2027 fresh's, 2028 later's")
+                        help="the requests' words: 2026 made free's and check's, 2027 fresh's, 2028 later's, "
+                             "4 fourth's, 5 fifth's, 6 sixth's")
     args, eval_flags = parser.parse_known_args()
     rows = prompts(args.sample / "valid.txt", args.prompt_seed, args.wordings)
     args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -93,6 +93,20 @@ def test_the_words_a_request_names_are_its_names_and_content_words_in_any_wordin
     assert request_words("Tell us one about Max the dog.") == ["Max", "dog"]
     assert request_words("The hero is Ed. Use cat, sun. So go on.") == ["Ed", "cat", "sun"]
     assert request_words("word " * 41) == []  # a long message holds text to work on, not a request
+    # lists after any cue, common words in them too; the words that frame a request are not asked for
+    assert request_words("Tonight's tale is about Jo, and I'd love to hear lot, new and kite in it.") == [
+        "Jo", "lot", "new", "kite"]
+    assert request_words('My class reads about Ned today. Write one that includes "put", "love" and "map".') == [
+        "Ned", "put", "love", "map"]
+    assert request_words("a story about Kim for my little sister? needs small, set, lots") == [
+        "Kim", "small", "set", "lots"]
+    assert request_words("Write a tale for kids. Star: Pip. Use: cup, red, and hat.") == ["Pip", "cup", "red", "hat"]
+    assert request_words("I'm after a story. Remember to put in fox, mud and rain, please.") == ["fox", "mud", "rain"]
+    assert request_words("Could you make one with bee, sock, and jam in it, starring Al?") == [
+        "Al", "bee", "sock", "jam"]
+    assert request_words("Tell a story with Mo in it. Words: cake, sun, bed.") == ["Mo", "cake", "sun", "bed"]
+    assert request_words("A tale, please. Somewhere in it, mention need.") == ["need"]
+    assert request_words("Tell me a tale. Work in the word off.") == ["off"]
 
 
 @pytest.mark.parametrize("message, asked", [

@@ -20,7 +20,7 @@ characters named called main hero heroine keywords keyword vocabulary required r
 bedtime kid kids child children short shorter long longer sentence sentences first last end ending start
 starting begin beginning dialogue talk talking speech lines line quote quotes about featuring starring someone
 somewhere inside hey hello thanks thank could would should must might also really very nice little new text all
-following list these those kind sort type character's lot lots""".split())
+following list these those kind sort type character's lot lots today tonight tomorrow yesterday i'm i'd i've i'll""".split())
 REQUEST_WORDS_LIMIT = 40  # a longer message carries text to work on (a story to continue), not a request
 # A sentence of a request that asks for the first or the last sentence of the story names it by one of these,
 # and gives it in quotes or after a colon: "Open with \"Tom ran.\"", "The final line should read: They slept."
@@ -77,31 +77,43 @@ def requested_sentences(message: str) -> tuple[dict[str, str], str]:
 
 
 # Where a request lists its words: after the last of these in a sentence ("Words to use: a, b and c",
-# "Use the words ball and tree", "mention slip, cold and tried", "Please include heard", "asked for a, b and
-# c to be in it", "must have a, b").
-_LIST_CUE = re.compile(r"\b(?:words?|use|using|include|including|mention|keywords?|contains?|containing|"
-                       r"vocabulary|these|for|have|say|put)\b|:", re.IGNORECASE)
-_ABOUT = re.compile(r"\b(?:about|featuring|starring)\b([^.,;:!?]*)", re.IGNORECASE)  # a story's topic
+# "Use the words ball and tree", "mention slip, cold and tried", "a story that includes heard", "asked for a,
+# b and c to be in it", "must have a, b", "needs x, y", "I want to hear x, y and z", "fit in x, y", "with x,
+# y and z in it"). Only a run of single words makes a list, so a cue as common as "in" or "with" is safe.
+_LIST_CUE = re.compile(r"\b(?:words?|use[sd]?|using|includ\w*|mention\w*|keywords?|contain\w*|vocabulary|these|for|"
+                       r"ha(?:ve|s)|say|put|get|needs?|hear|with|in)\b|:", re.IGNORECASE)
+# A story's topic, up to whom it is for ("about Tom for my little brother" is about Tom)
+_ABOUT = re.compile(r"\b(?:about|featuring|starring)\b((?:(?!\bfor\b)[^.,;:!?])*)", re.IGNORECASE)
+_LABEL = re.compile(r"([A-Za-z']+)\s*:")  # "Star: Mia", "Hero: Max": the word before a colon names a field
 # A verb that starts a sentence ("Invent a story.", "Give me one", "Dream up a tale") has a capital, as a name
-# would; the object after it shows it is a verb. "Max the dog" is a name, so "the" is not among them.
-_IMPERATIVE = re.compile(r"(?:^|[.!?;]\s+)([A-Z][a-z']+)\s+(?:a|an|me|us|my|our|some|up|him|her|them|it|this)\b")
+# would; the object after it shows it is a verb ("Remember to use"). "Max the dog" is a name, so "the" is not
+# among them.
+_IMPERATIVE = re.compile(r"(?:^|[.!?;]\s+)([A-Z][a-z']+)\s+(?:a|an|me|us|my|our|some|up|him|her|them|it|this|to)\b")
+_PRONOUNS = frozenset("it them there this that here".split())  # "Somewhere in it, mention x": "in" has its object
 _LIST_SPLIT = re.compile(r"\s*(?:,\s*(?:and\s+|&\s+)?|\s+(?:and|&)\s+)")
 
 
 def listed_words(message: str) -> list[str]:
     """The words a request lists (see _LIST_CUE), whatever they are: a request for "new, all and kind" asks
-    for those words even though they are common ones. A list is a run of single words apart from its last
-    item, of which the first word counts ("the words ball, tree in it" lists ball and tree). The first cue of a
-    sentence that a list follows counts: a cue may be a listed word ("words: carefully, put and hesitated")."""
-    words: list[str] = []
+    for those words even though they are common ones. A list is a run of single words; an item of more words
+    after two or more, or the last one, ends it and its first word counts ("the words ball, tree, sun in it,
+    starring Tom" lists ball, tree and sun). One word alone is a list unless it says whom the story is for ("a
+    tale for kids"); a cue's object is none ("with Sue in it", "in it, mention x"). The first cue of a sentence that a list follows counts: a cue may
+    be a listed word ("words: carefully, put and hesitated")."""
+    found: list[str] = []
     for part in re.split(r"(?<=[.!?;])\s+", message):
         for cue in _LIST_CUE.finditer(part):
-            items = [ANY_WORD.findall(item) for item in _LIST_SPLIT.split(part[cue.end():].strip(" .!?;"))]
-            items = [item for item in items if item]
-            if items and all(len(item) == 1 for item in items[:-1]) and (len(items) > 1 or len(items[0]) == 1):
-                words += [item[0].strip("'") for item in items if item[0].lower() not in ("the", "a", "an")]
+            listed = re.sub(r"[\s,]+(?:please|thanks)$", "", part[cue.end():].strip(" .!?;"), flags=re.IGNORECASE)
+            items = [item for item in map(ANY_WORD.findall, _LIST_SPLIT.split(listed)) if item]
+            run = next((i for i, item in enumerate(items) if len(item) > 1), len(items))
+            words = [item[0].strip("'") for item in items[:run + 1] if item[0].lower() not in ("the", "a", "an")]
+            ends_list = run >= 2 or run >= len(items) - 1  # "with Lucy, and put a, b" is no list of Lucy, put
+            audience = cue.group().lower() == "for" and words[:1] and words[0].lower() in _REQUEST_VOCABULARY
+            lone = len(words) == 1 == len(items) and len(words[0]) >= 3 and not audience
+            if run > 0 and ends_list and (len(words) > 1 or lone) and words[0].lower() not in _PRONOUNS:
+                found += words
                 break
-    return [w for w in words if not _TALK.fullmatch(w) and len(w) >= 2]
+    return [w for w in found if not _TALK.fullmatch(w) and len(w) >= 2]
 
 
 def _mid_sentence_capitals(text: str) -> list[str]:
@@ -117,11 +129,11 @@ def request_words(message: str) -> list[str]:
     words = [w for w in ANY_WORD.findall(rest) if not (_TALK.fullmatch(w) or _NOT.fullmatch(w))]
     if len(words) > REQUEST_WORDS_LIMIT:
         return []
-    skip = STOPWORDS | _REQUEST_VOCABULARY | {x.lower() for x in NOT_NAMES}
+    skip = STOPWORDS | _REQUEST_VOCABULARY | {x.lower() for x in NOT_NAMES} | {w.lower() for w in _LABEL.findall(rest)}
     capitals = set(_mid_sentence_capitals(rest))  # names, two letters long ones too ("The hero is Ed.")
     skip |= {verb.lower() for verb in _IMPERATIVE.findall(rest)} - {w.lower() for w in capitals}
-    named = [w.strip("'") for w in words
-             if (len(w.strip("'")) >= 3 or w in capitals) and w.strip("'").lower() not in skip]
+    named = [w.strip("'") for w in words if (len(w.strip("'")) >= 3 or w in capitals)
+             and w.strip("'").lower().removesuffix("'s") not in skip]  # "Tonight's" as "tonight"
     listed = listed_words(rest)
     if len(listed) >= 2:  # a request that lists its words asks for those, its names and what it is about,
         topic = {w.lower() for clause in _ABOUT.findall(rest) for w in ANY_WORD.findall(clause)}
