@@ -98,8 +98,8 @@ def listed_words(message: str) -> list[str]:
     for those words even though they are common ones. A list is a run of single words; an item of more words
     after two or more, or the last one, ends it and its first word counts ("the words ball, tree, sun in it,
     starring Tom" lists ball, tree and sun). One word alone is a list unless it says whom the story is for ("a
-    tale for kids"); a cue's object is none ("with Sue in it", "in it, mention x"). The first cue of a sentence that a list follows counts: a cue may
-    be a listed word ("words: carefully, put and hesitated")."""
+    tale for kids"); a cue's object is none ("with Sue in it", "in it, mention x"). The first cue of a sentence
+    that a list follows counts: a cue may be a listed word ("words: carefully, put and hesitated")."""
     found: list[str] = []
     for part in re.split(r"(?<=[.!?;])\s+", message):
         for cue in _LIST_CUE.finditer(part):
@@ -108,7 +108,7 @@ def listed_words(message: str) -> list[str]:
             run = next((i for i, item in enumerate(items) if len(item) > 1), len(items))
             words = [item[0].strip("'") for item in items[:run + 1] if item[0].lower() not in ("the", "a", "an")]
             ends_list = run >= 2 or run >= len(items) - 1  # "with Lucy, and put a, b" is no list of Lucy, put
-            audience = cue.group().lower() == "for" and words[:1] and words[0].lower() in _REQUEST_VOCABULARY
+            audience = cue.group().lower() == "for" and bool(words) and words[0].lower() in _REQUEST_VOCABULARY
             lone = len(words) == 1 == len(items) and len(words[0]) >= 3 and not audience
             if run > 0 and ends_list and (len(words) > 1 or lone) and words[0].lower() not in _PRONOUNS:
                 found += words
