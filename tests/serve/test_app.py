@@ -3,12 +3,15 @@
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai", reason="the serve tests use the official openai client")
 httpx = pytest.importorskip("httpx")
@@ -517,3 +520,17 @@ def test_the_readmes_picture_of_the_page_is_shot_from_the_page_served_now(browse
     partial = docs / "chat-page.png.partial"
     partial.write_bytes(picture)
     partial.replace(docs / "chat-page.png")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or torch.get_num_threads() < 2,
+                    reason="counts a Linux process's threads; one CPU thread starts no OpenMP pool")
+def test_the_app_loads_its_model_without_leaving_an_openmp_pool_on_the_calling_thread(tiny_run):
+    """A pool left beside the worker's makes libgomp throttle every op of a decoding step (worker.on_passing_thread);
+    in a fresh process, loading on the main thread leaves one thread behind per CPU thread past the first."""
+    script = ("import os, sys, torch\n"
+              "from slm.serve.app import create_app\n"
+              "before = len(os.listdir('/proc/self/task'))\n"
+              "app = create_app(sys.argv[1], device='cpu')\n"
+              "print(len(os.listdir('/proc/self/task')) - before)\n")
+    made = subprocess.run([sys.executable, "-c", script, str(tiny_run)], capture_output=True, text=True, check=True)
+    assert made.stdout.split()[-1] == "0", made.stdout + made.stderr

@@ -61,7 +61,7 @@ from slm.model.gpt import GPT
 from slm.runs.checkpoint import checkpoint_dir, load_model
 from slm.serve.schema import (ApiError, BodyLimit, ChatRequest, CompletionRequest, Limits, Sampling, busy,
                               generation_failed, invalid_body)
-from slm.serve.worker import Job, Worker
+from slm.serve.worker import Job, Worker, on_passing_thread
 
 API_KEY_ENV = "SLM_API_KEY"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")  # hosts only this machine can reach
@@ -236,7 +236,7 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
         raise SlmError(f"--api-key (or {API_KEY_ENV}) must not be empty; unset it to serve without a key")
     folder = checkpoint_dir(run, checkpoint)
     placement = pick_device(device)
-    model, _, _ = load_model(folder, placement, pick_dtype(dtype, placement))
+    model, _, _ = on_passing_thread(lambda: load_model(folder, placement, pick_dtype(dtype, placement)))
     created = int((folder / "model.safetensors").stat().st_mtime)
     server = Server(model, Path(run).resolve().name, created, chosen, read_sampling(run))
 

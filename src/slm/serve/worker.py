@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from slm.assistant import following
 from slm.data.tokenizer import Tokenizer
@@ -27,6 +29,15 @@ from slm.model.gpt import GPT
 
 log = logging.getLogger("slm.serve")
 TIME_UP = object()  # what a job's queue gets at its deadline
+T = TypeVar("T")
+
+
+def on_passing_thread(call: Callable[[], T]) -> T:
+    """call() on a thread that ends with it. OpenMP keeps a thread pool per thread that ran a parallel op; a
+    pool left on the main thread beside the worker's outnumbers the cores and libgomp then wakes threads for
+    every op: best of 4 took 3.6 s a story against 2.2 s on 2 cores (benchmarks/assistant.md, part 7)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as passing:
+        return passing.submit(call).result()
 
 
 @dataclass(eq=False)
