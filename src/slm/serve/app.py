@@ -236,9 +236,13 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
         raise SlmError(f"--api-key (or {API_KEY_ENV}) must not be empty; unset it to serve without a key")
     folder = checkpoint_dir(run, checkpoint)
     placement = pick_device(device)
-    model, _, _ = on_passing_thread(lambda: load_model(folder, placement, pick_dtype(dtype, placement)))
     created = int((folder / "model.safetensors").stat().st_mtime)
-    server = Server(model, Path(run).resolve().name, created, chosen, read_sampling(run))
+
+    def server_of_loaded_model() -> Server:  # its tensors (weights, the worker's cache) made on a passing thread
+        model, _, _ = load_model(folder, placement, pick_dtype(dtype, placement))
+        return Server(model, Path(run).resolve().name, created, chosen, read_sampling(run))
+
+    server = on_passing_thread(server_of_loaded_model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

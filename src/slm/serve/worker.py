@@ -35,7 +35,7 @@ T = TypeVar("T")
 def on_passing_thread(call: Callable[[], T]) -> T:
     """call() on a thread that ends with it. OpenMP keeps a thread pool per thread that ran a parallel op; a
     pool left on the main thread beside the worker's outnumbers the cores and libgomp then wakes threads for
-    every op: best of 4 took 3.6 s a story against 2.2 s on 2 cores (benchmarks/assistant.md, part 7)."""
+    every op: best of 4 took 3.7 s a story against 1.8 s on 2 cores (benchmarks/assistant.md, part 7)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as passing:
         return passing.submit(call).result()
 
