@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from conftest import write_conversations
 from slm.assistant.finetune import finetune, finetune_config
@@ -96,6 +97,24 @@ def test_a_stopped_finetune_resumes_with_its_metrics_intact(tiny_run, tmp_path):
     assert state.step == 6
     evals = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
     assert evals == [0, 2, 4, 6]
+
+
+def test_resume_starts_again_a_finetune_killed_before_its_first_checkpoint(tiny_run, tmp_path, monkeypatch):
+    data = write_conversations(tmp_path / "chat.jsonl", 40, seed=2)
+    flags = {**FAST, "max_steps": 4, "eval_interval": 2}
+    finetune(tiny_run, data, tmp_path / "never-stopped", flags=flags)
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt  # stands for SIGKILL: the run folder holds its config, recipe and step 0, no checkpoint
+    with monkeypatch.context() as patch:
+        patch.setattr("slm.assistant.finetune.train", killed)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(tiny_run, data, tmp_path / "run", flags=flags)
+    assert (tmp_path / "run" / "config.toml").is_file() and not (tmp_path / "run" / "last").exists()
+    assert finetune(tiny_run, data, tmp_path / "run", flags=flags, resume=True).step == 4
+    weights = [load_file(tmp_path / run / "last" / "model.safetensors") for run in ("never-stopped", "run")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r] == [0, 2, 4]
 
 
 def test_tensorboard_holds_the_base_models_validation_loss_at_step_0(tiny_run, tmp_path):

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from slm.data.tokenizer import get_tokenizer
 from slm.errors import SlmError
 from slm.model.gpt import GPT
 from slm.runs import checkpoint
-from slm.runs.files import MetricsLog, read_metrics
+from slm.runs.files import MetricsLog, atomic_path, read_metrics
 
 CFG = Config(model=ModelConfig(vocab_size=101, block_size=16, n_layer=2, n_head=2, n_embd=32))
 
@@ -44,6 +47,41 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
     with pytest.raises(OSError):
         checkpoint.save(tmp_path, "last", model, CFG, {})
     assert (tmp_path / "last" / "model.safetensors").read_bytes() == before
+
+
+# A child replaces the folder OUT holding "old" by one holding "new", and SIGKILLs itself at one of two moments.
+KILLED_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from slm.runs import files
+    out, moment = Path(sys.argv[1]), sys.argv[2]
+    rename = os.replace
+    def replace(src, dst):
+        rename(src, dst)
+        if moment == "swapping" and Path(dst).name.startswith("."):  # the old folder has just moved aside
+            os.kill(os.getpid(), signal.SIGKILL)
+    files.os.replace = replace
+    with files.atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+        if moment == "building":
+            os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("moment, left", [("building", ["tmp"]), ("swapping", ["old", "tmp"])])
+def test_the_next_write_clears_what_a_killed_writer_left_and_puts_back_a_folder_it_moved_aside(tmp_path, moment,
+                                                                                                left):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out), moment])
+    assert child.wait() == -9
+    assert sorted(p.name for p in tmp_path.iterdir() if p != out) == [f".out.{kind}-{child.pid}" for kind in left]
+    with atomic_path(out) as tmp:  # it first clears the dead writer's leftovers: the old folder is back, whole
+        assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old").read_text() == "old"
+        tmp.mkdir()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any(out.iterdir())
 
 
 def test_a_truncated_checkpoint_is_a_clear_error(tmp_path, model):

@@ -358,6 +358,24 @@ def test_a_malformed_field_is_a_client_error_in_openais_shape(url, tiny_run, bod
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("field, value", [("temperature", 5e-324), ("temperature", 1e-40), ("top_p", 5e-324),
+                                          ("repetition_penalty", 5e-324), ("repetition_penalty", 1e-40)])
+def test_a_sampling_number_too_small_to_sample_with_is_refused(url, tiny_run, field, value):
+    # Found by test_fuzz.py: a 500, as logits divided by the number overflowed float32 (top_p rounded to 0).
+    refused = post(url, {"model": tiny_run.name, "prompt": "Tom", "max_tokens": 2, field: value})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == field, refused.text
+    assert "0.000001" in refused.json()["error"]["message"]  # the least it takes
+    smallest = {"temperature": 1e-6, "top_p": 1e-6, "repetition_penalty": 1e-6}
+    assert post(url, {"model": tiny_run.name, "prompt": "Tom", "max_tokens": 2, **smallest}).status_code == 200
+
+
+def test_a_body_not_in_utf_8_is_refused_saying_so(url, tiny_run):
+    # Found by test_fuzz.py: FastAPI's "There was an error parsing the body" did not say what was wrong.
+    refused = post(url, b'{"model": "MODEL", "prompt": "\xff"}'.replace(b"MODEL", tiny_run.name.encode()))
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"].startswith("the request body is not UTF-8 JSON ('utf-8' codec can't")
+
+
 def test_malformed_messages_are_client_errors(url, tiny_run):
     for messages in ("hi", [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "text"}]}],
                      [{"role": ["user"], "content": "hi"}]):

@@ -69,14 +69,15 @@ def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: 
              val_fraction: float = 0.05, flags: dict[str, Any] | None = None, which: str = "best",
              force: bool = False, resume: bool = False, keep: frozenset[str] = frozenset()) -> TrainState:
     """Fine-tune RUN/which on the conversations of `data` into the new run folder `out`; with `resume`,
-    continue that fine-tune from its newest valid checkpoint (same data, only budgets may change)."""
+    continue that fine-tune from its newest valid checkpoint (same data, only budgets may change), or start it
+    again where it stopped before its first checkpoint: the same command then finishes it whenever it was killed."""
     folder = checkpoint.checkpoint_dir(base_run, which)
     out = Path(out)
     if out.resolve() == Path(base_run).resolve():
         raise SlmError(f"--out {out} is the base run; write the fine-tuned model to a new folder")
     if resume and force:
         raise SlmError("--resume continues a fine-tune and --force replaces it; pass only one")
-    resume_from = checkpoint.resumable(out) if resume else None
+    resume_from = checkpoint.resumable(out) if resume and checkpoint.saved(out) else None
     base, base_tokenizer = checkpoint.read_header(resume_from or folder)
     check_data_matches({"tokenizer": get_tokenizer().identity()}, base, base_tokenizer)
     if resume_from:
@@ -93,7 +94,7 @@ def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: 
     world, device = distributed.setup(cfg.train.device, cfg.train.collective_timeout)
     if world.is_main:
         if not resume_from:  # now that the data is known good: --force must not delete a run for a typo in it
-            checkpoint.prepare_run_dir(out, force, keep)
+            checkpoint.prepare_run_dir(out, force or resume, keep)  # resume: what it replaces has no checkpoint
         write_text_atomic(out / "config.toml", cfg.to_toml())
     distributed.barrier(world)
     val_batches = SftBatches(val_sft, cfg, device).first(cfg.train.eval_batches)

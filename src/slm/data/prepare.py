@@ -30,7 +30,7 @@ from tqdm import tqdm
 from slm.data.stories import demo_documents
 from slm.data.tokenizer import EOT_TOKEN, get_tokenizer
 from slm.errors import SlmError
-from slm.runs.files import atomic_path, remove_stale
+from slm.runs.files import atomic_path
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -350,8 +350,6 @@ def prepare(source: str, out: str | Path, text_field: str = "text", val_fraction
         raise SlmError(f"--out {out} holds the source {source}; --force would delete it, so choose another --out")
     source, splits = open_source(source, text_field)
     workers = workers or _cores()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
     get_tokenizer()  # ~1 s to build: before the clock, and before forking so that workers inherit it
     start = time.perf_counter()
     with atomic_path(out) as tmp:  # --force: the old folder goes only once the new one is complete

@@ -119,13 +119,16 @@ def verify(folder: Path, names: tuple[str, ...] | None = None) -> None:
             raise SlmError(f"{folder / name} is truncated or corrupt (its hash differs from {MANIFEST})")
 
 
+def saved(run_dir: Path) -> list[Path]:
+    """The run's resumable checkpoints on disk, newest first: RUN/last, then RUN/history's."""
+    candidates = [run_dir / "last"] + sorted((run_dir / HISTORY).glob("step-*"), reverse=True)
+    return [folder for folder in candidates if folder.exists()]
+
+
 def resumable(run_dir: Path) -> Path:
     """The newest checkpoint of the run that verifies: RUN/last, else the newest in RUN/history."""
-    candidates = [run_dir / "last"] + sorted((run_dir / HISTORY).glob("step-*"), reverse=True)
     problems = []
-    for folder in candidates:
-        if not folder.exists():
-            continue
+    for folder in saved(run_dir):
         try:
             verify(folder)
             if not (folder / TRAINER).is_file():

@@ -36,12 +36,14 @@ def _remove(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`, `.NAME.tmp-PID` (remove_stale removes those of dead processes), to
-    build a file or folder under; renamed over `path` when the block ends without an error, removed when it raises.
-    A folder cannot be renamed over another, so an existing one first moves aside to `.NAME.old-PID` and is deleted
-    last: a crash at any moment leaves the old one or the new one whole, never a mix. Flushing is the caller's."""
+    """Yield a temporary sibling of `path`, `.NAME.tmp-PID`, to build a file or folder under; renamed over `path`
+    when the block ends without an error, removed when it raises. A folder cannot be renamed over another, so an
+    existing one first moves aside to `.NAME.old-PID` and is deleted last: a crash at any moment leaves the old one
+    or the new one whole, never a mix, and the next write of `path` clears what the crash left (remove_stale).
+    Flushing is the caller's."""
     tmp, old = (path.with_name(f".{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     _remove(tmp)  # left by a killed process whose pid this one reuses
     try:
         yield tmp
@@ -65,13 +67,17 @@ def alive(pid: int) -> bool:
 
 
 def remove_stale(path: Path) -> None:
-    """Remove what atomic_path left beside `path` in processes that died (killed, power cut) before renaming."""
+    """Clear what atomic_path left beside `path` in processes that died (killed, power cut) before renaming:
+    their temporaries go, and a folder one had moved aside goes back in place if its replacement never came."""
     if os.name != "posix":  # there os.kill(pid, 0) would terminate the process: leave them
         return
     for sibling in path.parent.iterdir():
-        match = re.fullmatch(r"\." + re.escape(path.name) + r"\.tmp-(\d+)", sibling.name)
-        if match and not alive(int(match.group(1))):
-            _remove(sibling)
+        match = re.fullmatch(r"\." + re.escape(path.name) + r"\.(tmp|old)-(\d+)", sibling.name)
+        if match and not alive(int(match.group(2))):
+            if match.group(1) == "old" and not path.exists():
+                os.replace(sibling, path)
+            else:
+                _remove(sibling)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -264,6 +264,8 @@ def create_app(run: str | Path, checkpoint: str = "best", device: str = "auto", 
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        if isinstance(err.__cause__, UnicodeDecodeError):  # FastAPI's words: "There was an error parsing the body"
+            return ApiError(400, f"the request body is not UTF-8 JSON ({err.__cause__})").response()
         return ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}").response()
 
     add_routes(app, server, api_key)

@@ -23,6 +23,9 @@ from slm.inference.sampling import MAX_NEW_TOKENS
 MAX_STOPS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
 RETRY_AFTER_S = 1  # what a refused client is told to wait, in seconds: rows free as answers end
+# The least temperature, top_p and repetition_penalty above 0: logits divided by less overflow float32 to inf,
+# and a top_p below float32's least number rounds to 0, either way a NaN distribution and a failed step.
+MIN_SAMPLING = 1e-6
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,8 @@ class Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # None, here and below: Server.sampling's; NaN fails le
-    top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)  # not OpenAI's; vLLM's and llama.cpp's name
+    top_p: float | None = Field(None, ge=MIN_SAMPLING, le=1)
+    repetition_penalty: float | None = Field(None, ge=MIN_SAMPLING, le=10)  # not OpenAI's; vLLM's and llama.cpp's name
     word_bias: float | None = Field(None, ge=0, le=100)  # slm's: pushes the words a chat request names
     word_reach: float | None = Field(None, ge=0, le=100)  # slm's: ... only where the model finds them plausible
     dry_multiplier: float | None = Field(None, ge=0, le=100)  # llama.cpp's DRY sampler, its default base and length
@@ -105,6 +108,13 @@ class Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**64, strict=True)  # strict: "7", 7.0 and true are not seeds
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, temperature: float | None) -> float | None:
+        if temperature and temperature < MIN_SAMPLING:
+            raise ValueError(f"{temperature} is too small to sample with; give 0 (greedy) or at least {MIN_SAMPLING:f}")
+        return temperature
 
     @field_validator("stop", mode="before")
     @classmethod
