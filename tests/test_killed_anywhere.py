@@ -33,7 +33,7 @@ from slm.runs.files import read_metrics
 
 KILLS = int(os.environ.get("SLM_KILLS", "5"))
 PROMPTS = "prompts.jsonl"  # make-instructions' second output, beside its --out
-FINETUNE_FLAGS = ["--max-steps", "24", "--eval-interval", "4", "--eval-batches", "2", "--warmup-steps", "2",
+FINETUNE_FLAGS = ["--max-steps", "12", "--eval-interval", "4", "--eval-batches", "2", "--warmup-steps", "2",
                   "--device", "cpu", "--sample-tokens", "0", "--dtype", "float32", "--keep-checkpoints", "3"]
 
 
