@@ -24,8 +24,10 @@ FUNCTION_LINES = 60
 # so no OpenMP pool throttles the worker's (3.7 -> 1.8 s a best-of-4 answer), to 8,070; issue 30's
 # kill-anywhere fixes (every atomic write clears what a killed writer left, a fine-tune killed before its
 # first checkpoint resumes by starting again) to 8,079; the fuzzer's finds (a sampling number too small to
-# sample with, a body not in UTF-8: one-line 400s) to 8,091.
-LIBRARY_LINES = 8091
+# sample with, a body not in UTF-8: one-line 400s) to 8,091; that check moved to the settings every command
+# shares, a make-instructions rerun putting back the same prompts, a train --resume before any checkpoint
+# starting again, to 8,099.
+LIBRARY_LINES = 8099
 STAGES = ("data", "model", "training", "inference", "assistant", "serve", "interop", "runs")
 ON_TOP = ("slm.cli", "slm.pipelines", "slm.bench")  # they chain the stages, so no stage may import them
 MODEL_MAY_IMPORT = ("torch", "slm.config", "slm.model")

@@ -123,6 +123,21 @@ def test_existing_outputs_are_kept_unless_forced_and_no_temporary_file_remains(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
 
 
+def test_a_run_killed_between_its_renames_is_finished_by_a_rerun_but_other_prompts_need_force(tmp_path):
+    out, prompts = tmp_path / "chat.jsonl", tmp_path / "prompts.jsonl"
+    make_instructions("demo", out, prompts, held_out_value=5, max_stories=20)
+    whole = {path: path.read_bytes() for path in (out, prompts)}
+    out.unlink()  # as a kill after the prompts' rename and before --out's leaves it
+    make_instructions("demo", out, prompts, held_out_value=5, max_stories=20)
+    assert {path: path.read_bytes() for path in (out, prompts)} == whole
+    out.unlink()
+    prompts.write_text("my own prompts\n")
+    with pytest.raises(SlmError, match="prompts.jsonl already exists with other prompts; pass --force"):
+        make_instructions("demo", out, prompts, held_out_value=5, max_stories=20)
+    assert prompts.read_text() == "my own prompts\n" and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--prompts-out", "p.jsonl", "--held-out", "2.5"], "a fraction in [0, 1) or a whole number"),
     (["--prompts-out", "p.jsonl", "--held-out", "-1"], "a fraction in [0, 1) or a whole number"),

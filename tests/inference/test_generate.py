@@ -125,14 +125,17 @@ def test_the_same_seed_gives_the_same_text_twice_in_one_process(tiny_run, capsys
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or at least 0.000001"),
+    (["--temperature", "1e-9"], "--temperature must be 0 (greedy) or at least 0.000001"),  # overflows the logits
     (["--top-k", "0"], "--top-k must be between 1 and 50257"),
     (["--top-k", "50258"], "--top-k must be between 1 and 50257"),
-    (["--temperature", "nan"], "--temperature must be >= 0"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
-    (["--repetition-penalty", "-1.2"], "--repetition-penalty must be > 0"),
+    (["--temperature", "nan"], "--temperature must be 0 (greedy) or at least"),
+    (["--top-p", "0"], "--top-p must be between 0.000001 and 1"),
+    (["--top-p", "1e-50"], "--top-p must be between 0.000001 and 1"),  # rounds to 0 in float32
+    (["--top-p", "1.5"], "--top-p must be between 0.000001 and 1"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be at least 0.000001"),
+    (["--repetition-penalty", "1e-40"], "--repetition-penalty must be at least 0.000001"),
+    (["--repetition-penalty", "-1.2"], "--repetition-penalty must be at least 0.000001"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be between"),
     (["--max-new-tokens", "100001"], "--max-new-tokens must be between"),
     (["--stop", ""], "--stop must not be empty"),
@@ -143,6 +146,12 @@ def test_bad_sampling_settings_are_one_line_errors(tiny_run, capsys, argv, messa
     out, err = capsys.readouterr()
     assert out == ""  # checked before anything is written
     assert err.startswith("slm: error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_smallest_sampling_numbers_taken_still_sample_ids(tiny_run, capsys):
+    smallest = ["--temperature", "1e-6", "--top-p", "1e-6", "--repetition-penalty", "1e-6"]
+    assert main(["generate", str(tiny_run), "--prompt", "Tom had", "--max-new-tokens", "5", *smallest]) == 0
+    assert len(capsys.readouterr().out) > len("Tom had")
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_end_with_a_warning(capsys):
@@ -159,7 +168,7 @@ def test_a_missing_run_is_a_clear_error(tmp_path, capsys):
 
 def test_sampling_settings_accept_the_edges_of_every_range():
     SamplingSettings(temperature=0.0, top_k=None, top_p=1.0, max_new_tokens=1).check(50257)
-    SamplingSettings(temperature=1.5, top_k=50257, top_p=1e-9, repetition_penalty=1e-3, max_new_tokens=100_000,
+    SamplingSettings(temperature=1.5, top_k=50257, top_p=1e-6, repetition_penalty=1e-6, max_new_tokens=100_000,
                      stop=("\n", "The end.")).check(50257)
     with pytest.raises(SlmError, match="--max-new-tokens"):
         SamplingSettings(max_new_tokens=100_001).check(50257)

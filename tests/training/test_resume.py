@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +179,21 @@ def test_resume_refuses_a_conflicting_architecture_but_accepts_a_longer_budget(t
     assert "--n-layer 3 (the run has 2)" in err and err.count("\n") == 1
     assert main(train_args(tiny_data, run, "--max-steps", "8", "--resume")) == 0
     assert max(step_losses(run)) == 8
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_by_starting_again_to_the_same_end(tmp_path, tiny_data,
+                                                                                            capsys):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(train_args(tiny_data, whole, "--max-steps", "6")) == 0
+    assert main(train_args(tiny_data, stopped, "--max-steps", "6")) == 0
+    for folder in ("last", "best", "history"):  # as a kill before the first checkpoint leaves it: config.toml, metrics
+        if (stopped / folder).exists():
+            shutil.rmtree(stopped / folder)
+    capsys.readouterr()
+    assert main(["train", "--out", str(stopped), "--resume"]) == 0  # the recorded config, flags not repeated
+    assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().err
+    assert_same_weights(whole, stopped)
+    assert step_losses(stopped) == step_losses(whole)
 
 
 def test_resume_without_a_run_and_resume_with_force_are_errors(tmp_path, tiny_data, capsys):

@@ -21,6 +21,7 @@ of them in seen wordings and half in held-out ones, each with its constraints an
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import random
@@ -121,7 +122,7 @@ def make_instructions(source: str, out: str | Path, prompts_out: str | Path | No
     if epochs < 1:
         raise SlmError(f"--epochs must be at least 1 (got {epochs})")
     for path in targets:
-        _check_out(path, force)
+        _check_out(path, force or path != out)  # an existing prompts file is judged below, once it is written
     is_held_out = held_out_rule(held_out_value, seed)
     counts = {"train": Counter(), "held_out": Counter()}
     with ExitStack() as stack:
@@ -157,6 +158,10 @@ def make_instructions(source: str, out: str | Path, prompts_out: str | Path | No
         for file in files:
             file.flush()
             os.fsync(file.fileno())
+        # --out is renamed last, so a kill between the two renames leaves the prompts file alone; a rerun may
+        # put the same bytes back, but never replaces other prompts without --force.
+        if prompts_out and not force and targets[1].exists() and not filecmp.cmp(files[1].name, targets[1], False):
+            raise SlmError(f"{targets[1]} already exists with other prompts; pass --force to replace it")
     for part, path in zip(("train", "held_out"), targets):
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in sorted(counts[part].items()))
         print(f"wrote {sum(counts[part].values()):,} conversations to {path} ({kinds})", file=sys.stderr)

@@ -21,6 +21,9 @@ from slm.runs.files import SAMPLING_FILE
 
 MAX_NEW_TOKENS = 100_000
 MAX_BEST_OF = 16
+# The least temperature, top_p and repetition_penalty above 0: logits divided by less overflow float32 to inf,
+# and a top_p below float32's least number rounds to 0, either way a NaN distribution and a failed step.
+MIN_SAMPLING = 1e-6
 TOP_P_CANDIDATES = 256  # top_p_filter looks for the nucleus among these first
 # The sampling defaults of every command (generate, chat, eval-assistant's --max-new-tokens, training's
 # samples). SamplingSettings' own temperature stays 1, the model's plain distribution, for library callers.
@@ -81,14 +84,15 @@ class SamplingSettings:
 
     def check(self, vocab_size: int) -> None:
         """Raise SlmError naming the flag of the first bad value. `not x >= 0` rather than `x < 0` refuses NaN."""
-        if not self.temperature >= 0:
-            raise SlmError(f"--temperature must be >= 0 (got {self.temperature}); use 0 for greedy decoding")
+        if not (self.temperature == 0 or self.temperature >= MIN_SAMPLING):
+            raise SlmError(f"--temperature must be 0 (greedy) or at least {MIN_SAMPLING:f} (got {self.temperature})")
         if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
             raise SlmError(f"--top-k must be between 1 and {vocab_size} (got {self.top_k}); omit it to sample all ids")
-        if not 0 < self.top_p <= 1:
-            raise SlmError(f"--top-p must be in (0, 1] (got {self.top_p}); use 1 to keep every id")
-        if not self.repetition_penalty > 0:
-            raise SlmError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); use 1 for none")
+        if not MIN_SAMPLING <= self.top_p <= 1:
+            raise SlmError(f"--top-p must be between {MIN_SAMPLING:f} and 1 (got {self.top_p}); use 1 to keep every id")
+        if not self.repetition_penalty >= MIN_SAMPLING:
+            raise SlmError(f"--repetition-penalty must be at least {MIN_SAMPLING:f} (got {self.repetition_penalty}); "
+                           "use 1 for none")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise SlmError(f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS} (got {self.max_new_tokens})")
         for name, off in (("word_bias", "none"), ("word_reach", "everywhere"), ("dry_multiplier", "none")):

@@ -18,14 +18,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
 from slm.errors import SlmError
-from slm.inference.sampling import MAX_NEW_TOKENS
+from slm.inference.sampling import MAX_NEW_TOKENS, MIN_SAMPLING
 
 MAX_STOPS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
 RETRY_AFTER_S = 1  # what a refused client is told to wait, in seconds: rows free as answers end
-# The least temperature, top_p and repetition_penalty above 0: logits divided by less overflow float32 to inf,
-# and a top_p below float32's least number rounds to 0, either way a NaN distribution and a failed step.
-MIN_SAMPLING = 1e-6
 
 
 @dataclass(frozen=True)

@@ -357,14 +357,18 @@ def start(cfg: Config, run_dir: Path, force: bool = False) -> TrainState:
 
 def resume(run_dir: Path, preset: str | None = None, toml_path: str | None = None,
            flags: dict[str, dict[str, Any]] | None = None) -> TrainState:
-    """Continue a run from its newest valid checkpoint; the checkpoint's config is the base that the given
-    preset, TOML and flags apply over, and only budgets and reporting may change."""
+    """Continue a run from its newest valid checkpoint (or, stopped before its first, start it again) under
+    its recorded config, which the given preset, TOML and flags override in budgets and reporting only."""
     if not (run_dir / "config.toml").is_file():
         raise SlmError(f"{run_dir} holds no run to resume; start one without --resume")
-    folder = checkpoint.resumable(run_dir)
-    saved, _ = checkpoint.read_header(folder)
+    restart = not checkpoint.saved(run_dir) and not (run_dir / "best").exists()
+    folder = None if restart else checkpoint.resumable(run_dir)
+    saved = resolve(toml_path=run_dir / "config.toml") if restart else checkpoint.read_header(folder)[0]
     cfg = resolve(preset, toml_path, flags, base=saved)
     check_resume_changes(saved, cfg)
+    if restart:  # nothing to lose; a `best` alone is kept, and resumable() says why it cannot go on
+        print(f"slm: {run_dir} stopped before its first checkpoint; starting it again", file=sys.stderr)
+        return start(cfg, run_dir, force=True)
     world, _ = distributed.setup(cfg.train.device, cfg.train.collective_timeout)
     if world.is_main:
         write_text_atomic(run_dir / "config.toml", cfg.to_toml())
@@ -388,11 +392,9 @@ def main(args) -> int:
     if args.nproc:
         return launch(args.nproc, sys.argv[1:])
     flags = flags_from_args(args)
-    if args.resume:
-        if args.force:
-            raise SlmError("--resume continues a run and --force replaces it; pass only one")
-        state = resume(Path(args.out), args.preset, args.config, flags)
-    else:
-        state = start(resolve(args.preset, args.config, flags), Path(args.out), args.force)
+    if args.resume and args.force:
+        raise SlmError("--resume continues a run and --force replaces it; pass only one")
+    state = (resume(Path(args.out), args.preset, args.config, flags) if args.resume
+             else start(resolve(args.preset, args.config, flags), Path(args.out), args.force))
     distributed.teardown()
     return 128 + state.stopped_by if state.stopped_by else 0
