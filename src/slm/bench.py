@@ -1,30 +1,31 @@
-"""`slm bench`: measured throughput on this machine, printed as a table.
+"""`slm bench`: measured throughput on this machine, printed as a table, each speed also as a share of the
+machine's own limit (slm.peak).
 
-Figures: prepare tokens/s (prepare's own parallel tokenizer on a few MB of the demo corpus); training tokens/s
-at nanoGPT's CPU configuration (4 layers x 128, context 128, batch 32, GPT-2's vocabulary) in float32 and
-bfloat16, with the full head and with a compact head of 8,192 ids, and for the chosen preset (each through the
-training loop's own steps on synthetic tokens, warm-up excluded; on a known GPU also as MFU); generation tokens/s
-of the preset's model with the KV cache and with full recompute at batch 1 and 8 (inference.generate.decode:
-the engine, or the recompute reference), and greedy at batch 1 beside llama.cpp's on the same model exported
-to GGUF (where llama-cpp-python is installed); and peak memory.
-`slm bench nanogpt` (or prepare, train, generate) measures one part alone. `slm bench optimizers` is not a
+Figures: first the limits (float32 and bfloat16 GEMM FLOP/s at the benched models' shapes, read bandwidth from
+memory and of a decoding step's working set); prepare tokens/s (prepare's own parallel tokenizer on a few MB
+of the demo corpus); training tokens/s at nanoGPT's CPU configuration (4 layers x 128, context 128, batch 32,
+GPT-2's vocabulary) in float32 and bfloat16, with the full head and with a compact head of 8,192 ids, and for
+the chosen preset (each through the training loop's own steps on synthetic tokens, warm-up excluded), with
+its share of the measured GEMM peak of its dtype (on a known GPU also as MFU of the datasheet's); generation
+tokens/s of the preset's model with the KV cache and with full recompute at batch 1 and 8
+(inference.generate.decode: the engine, or the recompute reference), and greedy at batch 1 with its share
+of the read bandwidth, beside llama.cpp's on the same model exported to GGUF f16 and q8_0 (where
+llama-cpp-python is installed); and peak memory.
+`slm bench nanogpt` (or prepare, peak, train, generate) measures one part alone. `slm bench optimizers` is not a
 speed figure: it trains the preset on prepared data once per optimizer (the same seed, data and budget) and
 reports the steps and minutes each took to reach a validation loss. The numbers are printed and, with
 --save, recorded with the machine; tests check that they appear, never how large they are.
 """
-
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import sys
 import tempfile
 import time
 from collections import deque
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,9 @@ from slm.device import World, cpu_has_bf16, keep_freed_memory, machine, pick_dev
 from slm.errors import SlmError
 from slm.inference.generate import decode
 from slm.inference.sampling import DEFAULT_TEMPERATURE, SamplingSettings, make_generator
-from slm.interop.gguf_file import export_gguf
 from slm.model.gpt import GPT
-from slm.runs import checkpoint
+from slm.peak import DRAM_BYTES, decode_bytes_per_token, measure, model_flops_utilization, train_flops_per_token
+from slm.peers import LLAMA_CPP_OUTTYPES, bench_llama_cpp, llama_cpp_missing
 from slm.runs.files import read_metrics, write_text_atomic
 from slm.training.loop import accumulate, build_trainer, start, step_optimizer
 
@@ -54,9 +55,6 @@ GENERATE_BATCHES = (1, 8)
 NANOGPT = {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "vocab_head": 0, "dropout": 0.0},
            "train": {"batch_size": 32, "micro_batch_size": 32}}
 NANOGPT_CASES = (("float32", 0), ("bfloat16", 0), ("float32", 8192), ("bfloat16", 8192))  # (dtype, vocab_head)
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, matched in order against
-# torch.cuda.get_device_name(): the PCIe H100 before the name that also matches it.
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12))
 
 
 def synchronize(device: torch.device) -> None:
@@ -130,45 +128,6 @@ def bench_generate(model: GPT, batch_size: int, new_tokens: int, use_cache: bool
     return batch_size * new_tokens / (time.perf_counter() - start)
 
 
-def bench_llama_cpp(model: GPT, cfg: Config, new_tokens: int) -> float:
-    """llama.cpp's greedy batch-1 tokens/s on this model, through llama-cpp-python, exported by `slm export
-    --format gguf` with its defaults, on torch's thread count, from the same end-of-text prompt. Its window
-    slides as decode's does: once the context is full, it starts again from the newest block_size // 2 ids."""
-    import llama_cpp
-
-    block, threads = cfg.model.block_size, torch.get_num_threads()
-
-    def run(llm: llama_cpp.Llama, n: int) -> None:
-        ids = [EOT_ID]
-        while len(ids) <= n:
-            context = ids[-(block // 2):] if len(ids) > 1 else ids
-            llm.reset()  # no reuse of a cached prefix: the same work as decode's refill
-            ids += islice(llm.generate(context, temp=0.0), min(n + 1 - len(ids), block - len(context) + 1))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint.save(Path(tmp), "best", model, cfg, get_tokenizer().identity())
-        llm = llama_cpp.Llama(model_path=str(export_gguf(tmp, Path(tmp) / "model.gguf")), n_ctx=block,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
-        try:
-            run(llm, 2)  # warm-up
-            start = time.perf_counter()
-            run(llm, new_tokens)
-            return new_tokens / (time.perf_counter() - start)
-        finally:
-            llm.close()
-
-
-def llama_cpp_missing(device: torch.device, model: ModelConfig) -> str | None:
-    """Why there can be no llama.cpp row here, or None."""
-    if device.type != "cpu":
-        return f"llama-cpp-python's row is measured on the CPU, not on {device.type}"
-    if not model.bias:
-        return "the model has bias=False, which GGUF's gpt2 architecture cannot express"
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36)"
-    return None
-
-
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """(peak MB, what was measured): allocated GPU memory on CUDA, else the process's maximum RSS."""
     if device.type == "cuda":
@@ -199,27 +158,6 @@ def train_row(name: str, cfg: Config, device: torch.device, steps: int) -> tuple
                    "timed_steps": steps, "tokens_per_s": rate, "mfu": model_flops_utilization(cfg.model, rate, device)}
 
 
-def train_flops_per_token(model: ModelConfig) -> int:
-    """Training FLOPs per token as PaLM counts them for MFU (Chowdhery et al. 2022, appendix B; nanoGPT's
-    estimate_mfu): 6 per weight a token is multiplied by (2 forward, 4 backward), plus 12 * n_layer * n_embd
-    * block_size for attention's scores and weighted sums. A block multiplies by 12 * n_embd^2 weights
-    (c_attn 3, attn.c_proj 1, c_fc 4, mlp.c_proj 4); embedding lookups cost nothing; the head multiplies by
-    vocab_size rows of the tied embedding, a compact head by its vocab_head + 1."""
-    head_rows = model.vocab_head + 1 if model.vocab_head else model.vocab_size
-    weights = model.n_layer * 12 * model.n_embd**2 + head_rows * model.n_embd
-    return 6 * weights + 12 * model.n_layer * model.n_embd * model.block_size
-
-
-def model_flops_utilization(model: ModelConfig, tokens_per_s: float, device: torch.device) -> float | None:
-    """The share of the GPU's dense bf16 peak that training tokens/s stands for, whatever the dtype, as MFU
-    is quoted; None off CUDA or on a GPU missing from PEAK_BF16_FLOPS."""
-    if device.type != "cuda":
-        return None
-    gpu = torch.cuda.get_device_name(device)
-    peak = next((flops for name, flops in PEAK_BF16_FLOPS if name in gpu), None)
-    return train_flops_per_token(model) * tokens_per_s / peak if peak else None
-
-
 def bench_optimizers(cfg: Config, target_loss: float) -> list[dict[str, object]]:
     """Train cfg with each optimizer through `slm train`'s own start (the same seed, data and budget, samples
     off) into a temporary run, and read its metrics.jsonl: the first evaluation at or below target_loss, the
@@ -244,8 +182,8 @@ def bench_optimizers(cfg: Config, target_loss: float) -> list[dict[str, object]]
 def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
               flags: dict[str, dict[str, object]] | None = None, new_tokens: int = 200, data: str | None = None,
               target_loss: float | None = None) -> dict[str, object]:
-    """The figures of `what` (all, prepare, nanogpt, train, generate, or optimizers on `data` to
-    `target_loss`) for the preset with `flags` over it."""
+    """The figures of `what` (all, prepare, peak, nanogpt, train, generate, or optimizers on `data` to
+    `target_loss`) for the preset with `flags` over it, each speed also as a share of this machine's limit."""
     flags = flags or {}
     cfg = resolve(preset, flags=flags)
     device = pick_device(device_name)
@@ -257,6 +195,14 @@ def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
                                  "warmup_steps": WARMUP_STEPS, "timed_steps": steps}
     if what in ("all", "prepare"):  # first: its worker processes fork before torch has started any threads
         result["prepare_tokens_per_s"] = bench_prepare()
+    trained = (nanogpt_configs(flags) if what in ("all", "peak", "nanogpt") else []) + (
+        [cfg] if what in ("all", "peak", "train") else [])
+    context = min(new_tokens, cfg.model.block_size) / 2  # the mean context of a generation from one id
+    if what in ("all", "peak", "nanogpt", "train", "generate"):  # the limits before the figures they judge
+        result["peak"] = measure([c.model for c in trained], [c.train.micro_batch_size * c.model.block_size
+                                                               for c in trained], device,
+                                 None if what in ("nanogpt", "train") else
+                                 int(decode_bytes_per_token(cfg.model, 4, context)))
     rows = []
     if what in ("all", "nanogpt"):
         rows += [train_row("nanoGPT", case, device, steps)[1] for case in nanogpt_configs(flags)]
@@ -264,6 +210,9 @@ def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
     if what in ("all", "train"):
         model, row = train_row(f"preset {preset}", cfg, device, steps)
         rows.append(row)
+    for row in rows:
+        flops = train_flops_per_token(ModelConfig(**row["model"])) * row["tokens_per_s"]
+        row["peak_share"] = flops / result["peak"]["peak_flops"][row["dtype"]]
     if rows:
         result["train"] = rows
     if what == "optimizers":
@@ -272,24 +221,37 @@ def run_bench(preset: str, steps: int, device_name: str, what: str = "all",
                                 "max_steps": cfg.train.max_steps, "eval_interval": cfg.train.eval_interval,
                                 "rows": bench_optimizers(cfg, target_loss)}
     if what in ("all", "generate"):
-        if model is None:
-            torch.manual_seed(cfg.train.seed)
-            model = GPT(cfg.model).to(device)  # untrained: generation speed does not depend on the weights
-        model.eval()
-        result["generate"] = {"model": dataclasses.asdict(cfg.model), "parameters": model.num_parameters(),
-                              "new_tokens": new_tokens, "tokens_per_s": {
-                                  f"{method}_batch_{batch}": bench_generate(model, batch, new_tokens, use_cache)
-                                  for method, use_cache in (("kv_cache", True), ("recompute", False))
-                                  for batch in GENERATE_BATCHES}, "threads": torch.get_num_threads()}
-        rates = result["generate"]["tokens_per_s"]
-        rates["kv_cache_batch_1_greedy"] = bench_generate(model, 1, new_tokens, use_cache=True, temperature=0)
-        missing = llama_cpp_missing(device, cfg.model)
-        if missing is None:
-            rates["llama_cpp_batch_1_greedy"] = bench_llama_cpp(model, cfg, new_tokens)
-        else:
-            result["generate"]["llama_cpp_missing"] = missing
+        result["generate"] = generate_figures(model, cfg, device, new_tokens, context, result["peak"])
     result["peak_memory_mb"], result["peak_memory_kind"] = peak_memory_mb(device)
     return result
+
+
+def generate_figures(model: GPT | None, cfg: Config, device: torch.device, new_tokens: int, context: float,
+                     limits: dict) -> dict[str, object]:
+    """Generation tokens/s (KV cache and recompute, batch 1 and 8; greedy at batch 1; llama.cpp on the model's
+    GGUF exports) and greedy batch 1's share of each read bandwidth at the bytes a step reads."""
+    if model is None:
+        torch.manual_seed(cfg.train.seed)
+        model = GPT(cfg.model).to(device)  # untrained: generation speed does not depend on the weights
+    model.eval()
+    rates = {f"{method}_batch_{batch}": bench_generate(model, batch, new_tokens, use_cache)
+             for method, use_cache in (("kv_cache", True), ("recompute", False)) for batch in GENERATE_BATCHES}
+    rates["kv_cache_batch_1_greedy"] = bench_generate(model, 1, new_tokens, use_cache=True, temperature=0)
+    figures = {"model": dataclasses.asdict(cfg.model), "parameters": model.num_parameters(), "new_tokens": new_tokens,
+               "tokens_per_s": rates, "threads": torch.get_num_threads(), "mean_context": context}
+    missing = llama_cpp_missing(device, cfg.model)
+    for outtype in LLAMA_CPP_OUTTYPES if missing is None else ():
+        try:
+            rates[f"llama_cpp_{outtype}_batch_1_greedy"] = bench_llama_cpp(model, cfg, new_tokens, outtype)
+        except SlmError as err:
+            figures.setdefault("llama_cpp_failed", {})[outtype] = str(err)
+    if missing:
+        figures["llama_cpp_missing"] = missing
+    step_bytes = decode_bytes_per_token(cfg.model, model.transformer.wte.weight.element_size(), context)
+    figures["bytes_per_token"] = step_bytes
+    figures["bandwidth_share"] = {where: step_bytes * rates["kv_cache_batch_1_greedy"] / bandwidth
+                                  for where, bandwidth in limits["read_bytes_per_s"].items()}
+    return figures
 
 
 def shape(model: dict, parameters: int) -> str:
@@ -302,13 +264,15 @@ def table(r: dict) -> str:
     hardware = f"{m['cpu']} ({m['cores']} cores)" + (f", {m['gpu']}" if "gpu" in m else "")
     bf16 = "" if r["device"] != "cpu" else (" (native bf16)" if r["native_cpu_bf16"] else
                                             " (no native bf16: PyTorch emulates it)")
-    rows = []
+    rows = peak_rows(r["peak"], r["what"] == "peak") if "peak" in r else []
     if "prepare_tokens_per_s" in r:
         rows.append(("prepare: tokenize demo text, all cores", r["prepare_tokens_per_s"], "tokens/s"))
     for row in r.get("train", []):
         emulated = f" (emulated, {row['timed_steps']} steps)" if row.get("emulated_bf16") else ""
         rows.append((f"train {row['name']}: {shape(row['model'], row['parameters'])}, batch {row['batch_size']}, "
                      f"{row['dtype']}{emulated}", row["tokens_per_s"], "tokens/s"))
+        if "peak_share" in row:
+            rows.append((f"  its share of this machine's {row['dtype']} GEMM peak", 100 * row["peak_share"], "%"))
         if row.get("mfu") is not None:
             rows.append(("  MFU: its share of the GPU's dense bf16 peak", 100 * row["mfu"], "%"))
     notes = []
@@ -323,13 +287,18 @@ def table(r: dict) -> str:
             rows.append((f"KV cache speed-up, batch {batch}", speedup, "x"))
         rows.append((f"generate {g['new_tokens']} tokens, KV cache, batch 1, greedy", rates["kv_cache_batch_1_greedy"],
                      "tokens/s"))
-        if "llama_cpp_batch_1_greedy" in rates:
-            threads = f"{g['threads']} thread{'s' if g['threads'] > 1 else ''}"
-            rows.append((f"llama.cpp {g['new_tokens']} tokens, batch 1, greedy (this model as GGUF f16, {threads})",
-                         rates["llama_cpp_batch_1_greedy"], "tokens/s"))
-            rows.append(("slm / llama.cpp, batch 1, greedy",
-                         rates["kv_cache_batch_1_greedy"] / rates["llama_cpp_batch_1_greedy"], "x"))
-        else:
+        for where, share in g.get("bandwidth_share", {}).items():
+            rows.append((f"  share of the {where} read bandwidth at {g['bytes_per_token'] / 1e6:.1f} MB a token",
+                         100 * share, "%"))
+        threads = f"{g['threads']} thread{'s' if g['threads'] > 1 else ''}"
+        for outtype, failed in g.get("llama_cpp_failed", {}).items():
+            notes.append(f"no llama.cpp {outtype} row: {failed}")
+        for outtype in (o for o in LLAMA_CPP_OUTTYPES if f"llama_cpp_{o}_batch_1_greedy" in rates):
+            llama = rates[f"llama_cpp_{outtype}_batch_1_greedy"]
+            rows.append((f"llama.cpp {g['new_tokens']} tokens, batch 1, greedy (this model as GGUF {outtype}, "
+                         f"{threads})", llama, "tokens/s"))
+            rows.append((f"slm / llama.cpp {outtype}, batch 1, greedy", rates["kv_cache_batch_1_greedy"] / llama, "x"))
+        if "llama_cpp_missing" in g:
             notes.append(f"no llama.cpp row: {g['llama_cpp_missing']}")
     rows.append((f"peak memory ({r['peak_memory_kind']})", r["peak_memory_mb"], "MB"))
     timed = f": {r['timed_steps']} timed training steps after {r['warmup_steps']} warm-up" if "train" in r else ""
@@ -344,6 +313,19 @@ def table(r: dict) -> str:
     decimals = {"x": 2, "%": 1}  # a ratio such as slm / llama.cpp to 1%
     return "\n".join(lines + [""] + [f"  {label:<{width}} {value:>10,.{decimals.get(unit, 0)}f} {unit}"
                                      for label, value, unit in rows] + [f"  {note}" for note in notes])
+
+
+def peak_rows(p: dict, every_shape: bool) -> list[tuple[str, float, str]]:
+    """The machine's limits: each dtype's best GEMM (with every shape's on `slm bench peak`) and bandwidths."""
+    rows = []
+    for dtype, rates in p["gemm_flops"].items():
+        best = max(rates, key=rates.get)
+        rows.append((f"peak: {dtype} GEMM, best of the models' shapes ({best})", rates[best] / 1e9, "GFLOP/s"))
+        rows += [(f"  {dtype} GEMM {name}", rate / 1e9, "GFLOP/s") for name, rate in rates.items() if every_shape]
+    for where, rate in p["read_bytes_per_s"].items():
+        size = p["working_set_bytes"] if where == "decode working set" else DRAM_BYTES
+        rows.append((f"peak: read bandwidth, {where} ({size / 2**20:,.1f} MiB)", rate / 1e9, "GB/s"))
+    return rows
 
 
 def optimizers_table(o: dict, preset: str) -> list[str]:
@@ -361,7 +343,7 @@ def optimizers_table(o: dict, preset: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", nargs="?", choices=("all", "prepare", "nanogpt", "train", "generate", "optimizers"),
+    p.add_argument("what", nargs="?", choices=("all", "prepare", "peak", "nanogpt", "train", "generate", "optimizers"),
                    default="all", help="measure only this part (default: all); optimizers: steps and minutes to "
                    "--target-loss for each optimizer, trained on --data within the preset's budget")
     p.add_argument("--preset", choices=preset_names(), default="cpu",
