@@ -25,7 +25,7 @@ COMMANDS = {
     "plot": ("runs.plot", "draw the training curves of one or more runs into an image"),
     "runs": ("runs.listing", "list the runs under a folder: size, tokens, best validation loss, time, status"),
     "run": ("pipelines", "run a whole pipeline: prepare, train, generate (or fine-tune an assistant)"),
-    "bench": ("bench", "measure prepare, training and generation throughput and peak memory"),
+    "bench": ("bench", "measure throughput and peak memory, each speed as a share of the machine's limit"),
     "make-instructions": ("assistant.instructions", "make chat data (instructions and answers) from a story corpus"),
     "finetune": ("assistant.finetune", "fine-tune a trained run on chat data, with the loss on the assistant's "
                  "tokens only"),
@@ -75,6 +75,7 @@ EXAMPLES = {
   slm run assistant --max-minutes 5                     # the demo corpus, a quicker and weaker one""",
     "bench": """examples:
   slm bench --save                                     # everything; also writes benchmarks/results/*.json
+  slm bench peak                                       # this machine's GEMM peaks and read bandwidths alone
   slm bench nanogpt                                    # nanoGPT's 4x128 model: float32/bf16, full/compact head
   slm bench generate --preset cpu                      # only generation: KV cache vs recompute, batch 1 and 8
   slm bench --preset seed --steps 20 --device cuda
