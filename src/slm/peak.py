@@ -45,9 +45,10 @@ def best_rate(work: Callable[[], object], amount: float, device: torch.device, s
 
 def gemm_shapes(model: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int]]:
     """(m, k, n) of the forward matmuls a training micro-batch of `tokens` makes, by weight, and the square."""
-    c, head = model.n_embd, model.vocab_head + 1 if model.vocab_head else model.vocab_size
+    c = model.n_embd
     return {"attention qkv": (tokens, c, 3 * c), "attention out": (tokens, c, c), "mlp up": (tokens, c, 4 * c),
-            "mlp down": (tokens, 4 * c, c), "head": (tokens, c, head), "square": (SQUARE, SQUARE, SQUARE)}
+            "mlp down": (tokens, 4 * c, c), "head": (tokens, c, head_rows(model)),
+            "square": (SQUARE, SQUARE, SQUARE)}
 
 
 def gemm_flops(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> float:
@@ -63,12 +64,15 @@ def read_bandwidth(nbytes: int, device: torch.device) -> float:
     return best_rate(buffer.sum, buffer.numel() * 4, device)
 
 
+def head_rows(model: ModelConfig) -> int:
+    """The head's rows a token is multiplied by: vocab_size of the tied embedding, a compact head's classes."""
+    return model.vocab_head + 1 if model.vocab_head else model.vocab_size
+
+
 def multiplied_weights(model: ModelConfig) -> int:
     """The weights a token is multiplied by: 12 * n_embd^2 a block (c_attn 3, attn.c_proj 1, c_fc 4,
-    mlp.c_proj 4) and the head's rows, vocab_size of the tied embedding or a compact head's vocab_head + 1
-    classes; embedding lookups multiply nothing."""
-    head_rows = model.vocab_head + 1 if model.vocab_head else model.vocab_size
-    return model.n_layer * 12 * model.n_embd**2 + head_rows * model.n_embd
+    mlp.c_proj 4) and the head's rows; embedding lookups multiply nothing."""
+    return model.n_layer * 12 * model.n_embd**2 + head_rows(model) * model.n_embd
 
 
 def decode_bytes_per_token(model: ModelConfig, weight_bytes: float, context: float) -> float:

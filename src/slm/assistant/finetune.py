@@ -77,8 +77,7 @@ def finetune(base_run: str | Path, data: str | Path, out: str | Path, val_data: 
         raise SlmError(f"--out {out} is the base run; write the fine-tuned model to a new folder")
     if resume and force:
         raise SlmError("--resume continues a fine-tune and --force replaces it; pass only one")
-    started = checkpoint.saved(out) or (out / "best").exists()  # a best alone: resumable() says why not
-    resume_from = checkpoint.resumable(out) if resume and started else None
+    resume_from = checkpoint.resumable(out) if resume and checkpoint.started(out) else None
     base, base_tokenizer = checkpoint.read_header(resume_from or folder)
     check_data_matches({"tokenizer": get_tokenizer().identity()}, base, base_tokenizer)
     if resume_from:

@@ -125,6 +125,12 @@ def saved(run_dir: Path) -> list[Path]:
     return [folder for folder in candidates if folder.exists()]
 
 
+def started(run_dir: Path) -> bool:
+    """Whether the run saved anything a resume must keep: a resumable checkpoint, or a `best` alone (which
+    resumable() then explains it cannot continue from)."""
+    return bool(saved(run_dir)) or (run_dir / "best").exists()
+
+
 def resumable(run_dir: Path) -> Path:
     """The newest checkpoint of the run that verifies: RUN/last, else the newest in RUN/history."""
     problems = []

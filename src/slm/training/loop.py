@@ -361,12 +361,12 @@ def resume(run_dir: Path, preset: str | None = None, toml_path: str | None = Non
     its recorded config, which the given preset, TOML and flags override in budgets and reporting only."""
     if not (run_dir / "config.toml").is_file():
         raise SlmError(f"{run_dir} holds no run to resume; start one without --resume")
-    restart = not checkpoint.saved(run_dir) and not (run_dir / "best").exists()
+    restart = not checkpoint.started(run_dir)
     folder = None if restart else checkpoint.resumable(run_dir)
     saved = resolve(toml_path=run_dir / "config.toml") if restart else checkpoint.read_header(folder)[0]
     cfg = resolve(preset, toml_path, flags, base=saved)
     check_resume_changes(saved, cfg)
-    if restart:  # nothing to lose; a `best` alone is kept, and resumable() says why it cannot go on
+    if restart:  # nothing to lose
         print(f"slm: {run_dir} stopped before its first checkpoint; starting it again", file=sys.stderr)
         return start(cfg, run_dir, force=True)
     world, _ = distributed.setup(cfg.train.device, cfg.train.collective_timeout)
